@@ -1,0 +1,1 @@
+"""remote-vae's self-hosted VAE server (needs the `server` extra)."""

@@ -1,0 +1,1 @@
+"""ComfyUI glue for remote-vae."""
