@@ -75,6 +75,11 @@ class Preset:
     safe_dtypes: tuple[str, ...] = ("bfloat16", "float32")  # first: default on GPU
     fps: int = 24
     packed: bool = False  # accepts Flux-style 2x2 packed 3-D latents
+    # Peak activation memory, in elements (x dtype size = bytes), after ComfyUI's `comfy/sd.py` estimates:
+    # decode per latent pixel (per latent frame when `decode_memory_per_frame`), encode per input pixel.
+    decode_memory: float = 2178 * 64
+    decode_memory_per_frame: bool = False
+    encode_memory: float = 1767
     note: str = ""
 
     @property
@@ -231,6 +236,9 @@ PRESETS: dict[str, Preset] = {
             subfolder="vae",
             diffusers_class="AutoencoderKLHunyuanVideo",
             config={"latent_channels": 16, "scaling_factor": 0.476986},
+            decode_memory=1500 * 4 * 8 * 8,
+            decode_memory_per_frame=True,
+            encode_memory=1767 * 2,
             safe_dtypes=("float16", "bfloat16", "float32"),
             fps=24,
         ),
@@ -250,6 +258,8 @@ PRESETS: dict[str, Preset] = {
             config={"z_dim": 16},
             safe_dtypes=("bfloat16", "float32"),
             fps=16,
+            decode_memory=7000 * 64,  # causal, chunked decode: independent of the frame count
+            encode_memory=1767 * 2,
         ),
         Preset(
             name="wan22",
@@ -279,6 +289,8 @@ PRESETS: dict[str, Preset] = {
             },
             safe_dtypes=("bfloat16", "float32"),
             fps=24,
+            decode_memory=8000 * 256,
+            encode_memory=1767 * 4,
         ),
         Preset(
             name="qwen_image",
@@ -293,6 +305,8 @@ PRESETS: dict[str, Preset] = {
             subfolder="vae",
             diffusers_class="AutoencoderKLQwenImage",
             config={"z_dim": 16},
+            decode_memory=2200 * 64,
+            encode_memory=1767 * 2,
             safe_dtypes=("bfloat16", "float32"),
             note="Image model with a Wan-style VAE: latents are [B,16,1,H/8,W/8].",
         ),
