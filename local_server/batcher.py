@@ -1,0 +1,104 @@
+"""Dynamic batching: requests with the same key that arrive within a short window run as one batch.
+
+The key holds everything that must match (model, operation, shape after the batch dimension, dtype
+and options). A batch closes when the window ends, or earlier when one more request would pass the
+element budget (kept below 2^31 elements, the limit of many GPU kernels). Results are split back along
+the batch dimension, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+KERNEL_ELEMENT_LIMIT = 2**31 - 1
+
+RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[torch.Tensor]]
+
+
+@dataclass
+class _Pending:
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    futures: list[asyncio.Future] = field(default_factory=list)
+    elements: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Groups same-key tensors and runs them through `run(key, batch)` together.
+
+    `element_cost(tensor)` estimates the elements the batch will create (e.g. output pixels x
+    channels); a batch never exceeds `max_elements` of that cost, nor `max_items` tensors.
+    """
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        window: float = 0.01,
+        max_items: int = 8,
+        max_elements: int = KERNEL_ELEMENT_LIMIT,
+        element_cost: Callable[[torch.Tensor], int] = lambda t: t.numel(),
+    ) -> None:
+        self._run = run
+        self._window = window
+        self._max_items = max_items
+        self._max_elements = min(max_elements, KERNEL_ELEMENT_LIMIT)
+        self._cost = element_cost
+        self._pending: dict[Hashable, _Pending] = {}
+        self.batches_run = 0  # for metrics and tests
+
+    async def submit(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        cost = self._cost(tensor)
+        pending = self._pending.get(key)
+        if pending and (pending.elements + cost > self._max_elements or len(pending.tensors) >= self._max_items):
+            self._flush(key)
+            pending = None
+        if pending is None:
+            pending = self._pending[key] = _Pending()
+            pending.timer = loop.call_later(self._window, self._flush, key)
+        future = loop.create_future()
+        pending.tensors.append(tensor)
+        pending.futures.append(future)
+        pending.elements += cost
+        if len(pending.tensors) >= self._max_items:
+            self._flush(key)
+        return await future
+
+    def _flush(self, key: Hashable) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        asyncio.get_running_loop().create_task(self._execute(key, pending))
+
+    async def _execute(self, key: Hashable, pending: _Pending) -> None:
+        sizes = [t.shape[0] for t in pending.tensors]
+        try:
+            batch = pending.tensors[0] if len(sizes) == 1 else torch.cat(pending.tensors)
+            self.batches_run += 1
+            out = await self._run(key, batch)
+            if out.shape[0] != sum(sizes):
+                raise RuntimeError(f"batched run returned {out.shape[0]} items for {sum(sizes)} inputs")
+            parts = torch.split(out, sizes) if len(sizes) > 1 else (out,)
+        except BaseException as exc:  # every waiter learns of the failure
+            for future in pending.futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, part in zip(pending.futures, parts):
+            if not future.done():
+                future.set_result(part)
+
+
+def decode_activation_elements(latent: torch.Tensor, spatial: int, temporal: int = 1, widest: int = 128) -> int:
+    """Elements of a decoder's biggest activation for `latent`: `widest` channels at full resolution."""
+    height, width = latent.shape[-2:]
+    frames = (latent.shape[2] - 1) * temporal + 1 if latent.ndim == 5 else 1
+    return math.prod((latent.shape[0], widest, frames, height * spatial, width * spatial))
