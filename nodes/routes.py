@@ -21,8 +21,6 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from ..remote.presets import PRESETS
-
 DEFAULT_TIMEOUT = 5.0
 MAX_PROBES = 4  # /v1/models lookups: up to three paths from the endpoint's own, then the root
 MAX_BODY = 1 << 20  # a model list larger than 1 MiB is not a model list
@@ -87,7 +85,7 @@ async def _find_models(session: aiohttp.ClientSession, url: URL) -> tuple[URL | 
     """
     for base in candidate_bases(url):
         status, body, content_type = await _get(session, base / "v1/models")
-        if status == 404:
+        if status in (404, 405):  # nothing here (405: a route for another method, such as POST /{model})
             continue
         if status != 200:
             return base, status, []
@@ -178,6 +176,8 @@ def _snippet(body: bytes, content_type: str) -> str:
 
 def preset_descriptions() -> dict:
     """Every preset's `describe()`, in table order, for the node's preset line."""
+    from ..remote.presets import PRESETS  # torch comes with it: load it when asked, not at start-up
+
     return {"presets": [preset.describe() for preset in PRESETS.values()]}
 
 

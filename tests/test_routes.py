@@ -104,6 +104,13 @@ def test_model_path_in_endpoint_is_stripped_to_find_the_server():
     ]
 
 
+def test_paths_that_answer_405_are_skipped_like_404():
+    handlers = {**OK_HEALTH, "/m/v1/models": text_reply("POST only", status=405), "/v1/models": json_reply(MODELS)}
+    result, seen, _ = run_check(handlers, "/m")
+    assert result["ok"] and result["models"] == MODELS
+    assert [path for path, _ in seen] == ["/m/v1/models", "/v1/models", "/health"]
+
+
 def test_model_list_under_openai_style_data_key():
     result, _, _ = run_check({**OK_HEALTH, "/v1/models": json_reply({"object": "list", "data": MODELS})})
     assert result["ok"] and result["models"] == MODELS
