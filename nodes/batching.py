@@ -1,0 +1,59 @@
+"""Splitting a batch into requests of bounded size and running them a few at a time, results in order."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Output pixels per image request: 4 MP is four 1024x1024 images, 12 MiB as uint8, 48 MiB as float32.
+PIXEL_BUDGET = 4 * 1024 * 1024
+MAX_PARALLEL = 3
+POLL_SECONDS = 0.25
+
+
+def plan_chunks(
+    batch: int, item_pixels: int, pixel_budget: int = PIXEL_BUDGET, max_items: int | None = None
+) -> list[slice]:
+    """Consecutive slices covering range(batch), each holding at most `pixel_budget` pixels (at least one item)."""
+    if batch < 1:
+        raise ValueError(f"batch of {batch} items: nothing to send")
+    per_chunk = max(1, pixel_budget // max(1, item_pixels))
+    if max_items is not None:
+        per_chunk = min(per_chunk, max_items)
+    return [slice(start, min(start + per_chunk, batch)) for start in range(0, batch, per_chunk)]
+
+
+def run_in_order(
+    jobs: Sequence[Callable[[threading.Event], T]],
+    *,
+    parallel: int = MAX_PARALLEL,
+    on_done: Callable[[], None] | None = None,
+) -> list[T]:
+    """Run `jobs` on up to `parallel` threads and return their results in job order.
+
+    Each job gets a `stop` event that is set as soon as the run fails (a job raised, or `on_done`,
+    which runs on this thread after each finished job, raised - e.g. ComfyUI's interrupt); jobs pass
+    it to the client's `cancel` so that requests still in flight end within a second. The first
+    exception is re-raised here after the pool has wound down.
+    """
+    stop = threading.Event()
+    results: list[T | None] = [None] * len(jobs)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(jobs))), thread_name_prefix="remote_vae")
+    try:
+        pending: dict[Future, int] = {pool.submit(job, stop): i for i, job in enumerate(jobs)}
+        while pending:
+            done, _ = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[pending.pop(future)] = future.result()
+                if on_done is not None:
+                    on_done()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results  # type: ignore[return-value]

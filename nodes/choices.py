@@ -1,0 +1,38 @@
+"""Widget choices and defaults shared by the nodes, their validation and the example workflows.
+
+Kept free of heavy imports: ComfyUI imports this at start-up, before anything runs.
+"""
+
+from __future__ import annotations
+
+AUTO = "auto"
+
+# lossless: uint8 pixels (what a saved PNG holds); exact: float32 decoder output, clamped here like
+# ComfyUI's VAEDecode; compact: one JPEG per image (smallest, lossy).
+TRANSFER_DECODE = ("lossless", "exact", "compact")
+TRANSFER_VIDEO = ("lossless", "exact")
+# lossless: uint8 NHWC pixels; exact: float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
+TRANSFER_ENCODE = ("lossless", "exact")
+
+DEFAULT_TIMEOUT = 300
+MIN_TIMEOUT = 5
+MAX_TIMEOUT = 3600
+DEFAULT_TOKEN_ENV = "REMOTE_VAE_TOKEN"
+
+CATEGORY = "latent/remote"
+
+# Image models whose VAE is a video VAE: 5-D latents with one latent frame, one image per "video".
+STILL_IMAGE_PRESETS = frozenset({"qwen_image"})
+
+
+def preset_choices(video_only: bool = False) -> list[str]:
+    """["auto", *preset names] for the preset widget (video presets only for the video node)."""
+    from ..remote.presets import PRESETS  # torch comes with it: only when ComfyUI asks for the inputs
+
+    names = [name for name, p in PRESETS.items() if not video_only or is_video_model(p)]
+    return [AUTO, *names]
+
+
+def is_video_model(preset) -> bool:
+    """A model whose IMAGE batch is the frames of one video (not Qwen-Image's one-frame latents)."""
+    return preset.is_video and preset.name not in STILL_IMAGE_PRESETS

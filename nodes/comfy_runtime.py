@@ -1,0 +1,55 @@
+"""ComfyUI's runtime services, looked up lazily and guarded.
+
+Inside ComfyUI these give the progress bar, the Cancel flag and the websocket; outside it (unit tests,
+scripts) every function here degrades to a harmless no-op, so the nodes run anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("remote_vae")
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel in ComfyUI (never true outside ComfyUI)."""
+    mm = _module("comfy.model_management")
+    check = getattr(mm, "processing_interrupted", None)
+    return bool(check()) if check else False
+
+
+def raise_interrupt() -> None:
+    """Raise ComfyUI's own interrupt exception if Cancel was pressed, so the run ends as 'interrupted'."""
+    mm = _module("comfy.model_management")
+    throw = getattr(mm, "throw_exception_if_processing_interrupted", None)
+    if throw:
+        throw()
+
+
+class _NoProgress:
+    def update(self, value: int) -> None:
+        pass
+
+
+def progress_bar(total: int, node_id: str | None) -> Any:
+    """ComfyUI's ProgressBar for this node, or a stand-in with the same `update(n)`."""
+    utils = _module("comfy.utils")
+    bar = getattr(utils, "ProgressBar", None)
+    return bar(total, node_id=node_id) if bar else _NoProgress()
+
+
+def prompt_server() -> Any | None:
+    """The running PromptServer, or None outside ComfyUI."""
+    server = _module("server")
+    cls = getattr(server, "PromptServer", None)
+    return getattr(cls, "instance", None)

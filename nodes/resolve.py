@@ -1,0 +1,113 @@
+"""From widget values to a preset, an endpoint URL and a token variable, with errors that say what to do."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from ..remote.presets import (
+    PRESETS,
+    Preset,
+    PresetError,
+    candidates_for,
+    check_latent,
+    detect_preset,
+    get_preset,
+)
+from .choices import AUTO, is_video_model
+
+SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class NodeInputError(ValueError):
+    """A widget value that cannot work; the message names it and the fix."""
+
+
+def decode_preset(name: str, shape: Sequence[int], *, has_endpoint: bool, video_only: bool = False) -> Preset:
+    """The preset a LATENT is decoded with.
+
+    "auto" must be unambiguous only when the preset picks the endpoint: with a URL entered, any preset that
+    fits the shape will do, as long as they agree on the output size.
+    """
+    shape = list(shape)
+    if len(shape) not in (4, 5):
+        raise NodeInputError(
+            f"LATENT samples of shape {shape} are neither images [B,C,H,W] nor videos [B,C,T,H,W]"
+        )
+    if video_only and len(shape) != 5:
+        raise NodeInputError(
+            f"Remote Video Decode takes video latents [B,C,T,H,W]; this one is {shape}: use Remote VAE Decode"
+        )
+    if name != AUTO:
+        preset = get_preset(name)
+        check_latent(preset, shape)
+        return preset
+    found = candidates_for(shape)
+    if has_endpoint and found and len({_geometry(p) for p in found}) == 1:
+        return found[0]
+    preset = detect_preset(shape)  # raises, listing the choices, when none or several fit
+    return preset
+
+
+def _geometry(preset: Preset) -> tuple[int, int, int]:
+    return preset.dims, preset.spatial_compression, preset.temporal_compression
+
+
+def encode_preset(name: str, *, has_endpoint: bool) -> Preset | None:
+    """The preset for an encode; None for "auto" with a URL (the server's model decides)."""
+    if name != AUTO:
+        return get_preset(name)
+    if has_endpoint:
+        return None
+    raise PresetError(
+        "preset 'auto' cannot tell from pixels which VAE to encode for: pick one of "
+        + ", ".join(PRESETS)
+        + " or enter your server's URL in `endpoint`"
+    )
+
+
+def endpoint_url(endpoint: str, preset: Preset | None, operation: str) -> str:
+    """The URL to call: the one entered, else the preset's Hugging Face endpoint for `operation`."""
+    url = (endpoint or "").strip()
+    if not url:
+        default = None
+        if preset is not None:
+            default = preset.hf_decode_endpoint if operation == "decode" else preset.hf_encode_endpoint
+        if default is None:
+            name = preset.name if preset else "sd15"
+            raise NodeInputError(
+                f"preset {name} has no public Hugging Face {operation} endpoint: enter your server's URL "
+                f"in `endpoint`, such as {SERVER_EXAMPLE.format(name)}"
+            )
+        return default
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise NodeInputError(
+            f"endpoint {url!r} is not an http(s) URL; enter one such as "
+            f"{SERVER_EXAMPLE.format(preset.name if preset else 'sd15')}"
+        )
+    return url
+
+
+def token_variable(token_env: str | None) -> str | None:
+    """The environment variable holding the bearer token (None: send no token).
+
+    The widget holds a variable NAME so that no token is ever saved in a workflow; a value that is
+    not a name is refused without repeating it (it may be a pasted token).
+    """
+    name = (token_env or "").strip()
+    if not name:
+        return None
+    if not _ENV_NAME.fullmatch(name):
+        raise NodeInputError(
+            "token_env must be the NAME of an environment variable that holds the token (such as "
+            "REMOTE_VAE_TOKEN), not the token itself; set the variable before starting ComfyUI"
+        )
+    return name
+
+
+def frames_are_time(preset: Preset | None) -> bool:
+    """Whether an IMAGE batch is encoded as the frames of one video (video VAEs, like ComfyUI)."""
+    return preset is not None and is_video_model(preset)

@@ -1,0 +1,170 @@
+"""The three ComfyUI nodes (classic V1 contract). Thin: the work is in `operations`."""
+
+from __future__ import annotations
+
+from .choices import (
+    CATEGORY,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOKEN_ENV,
+    MAX_TIMEOUT,
+    MIN_TIMEOUT,
+    TRANSFER_DECODE,
+    TRANSFER_ENCODE,
+    TRANSFER_VIDEO,
+    preset_choices,
+)
+
+ENDPOINT_TIP = (
+    "URL of the VAE server, such as http://127.0.0.1:8190/sd15. Empty: the preset's Hugging Face endpoint."
+)
+PRESET_TIP = "The VAE family. auto: detected from the latent's shape (pick one when several fit)."
+TIMEOUT_TIP = "Seconds to wait for each answer (a cold endpoint may need minutes)."
+TOKEN_TIP = (
+    "NAME of the environment variable that holds the server's bearer token (never the token itself: "
+    "workflows are saved with their widget values). Empty: send no token."
+)
+VAE_TIP = "Optional local VAE: used, with a warning, when the remote server fails."
+
+
+def _connection_inputs(transfers: tuple[str, ...], presets: list[str], transfer_tip: str) -> dict:
+    return {
+        "preset": (presets, {"default": presets[0], "tooltip": PRESET_TIP}),
+        "endpoint": ("STRING", {"default": "", "tooltip": ENDPOINT_TIP}),
+        "transfer": (list(transfers), {"default": transfers[0], "tooltip": transfer_tip}),
+        "timeout": (
+            "INT",
+            {
+                "default": DEFAULT_TIMEOUT,
+                "min": MIN_TIMEOUT,
+                "max": MAX_TIMEOUT,
+                "step": 1,
+                "tooltip": TIMEOUT_TIP,
+            },
+        ),
+    }
+
+
+def _optional_inputs() -> dict:
+    return {
+        "vae": ("VAE", {"tooltip": VAE_TIP}),
+        "token_env": ("STRING", {"default": DEFAULT_TOKEN_ENV, "tooltip": TOKEN_TIP}),
+    }
+
+
+HIDDEN = {"unique_id": "UNIQUE_ID"}
+DECODE_TRANSFER_TIP = (
+    "lossless: 8-bit pixels (what a saved PNG holds); exact: the float32 decoder output, no 8-bit rounding; "
+    "compact: JPEG, smallest, lossy."
+)
+ENCODE_TRANSFER_TIP = "lossless: 8-bit pixels; exact: float32 pixels (for images that are not 8-bit)."
+
+
+class RemoteVAEDecode:
+    """LATENT -> IMAGE on a remote VAE server; the same pixels as VAEDecode with the same weights."""
+
+    DESCRIPTION = "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images (video latents: their frames).",)
+    FUNCTION = "decode"
+    VIDEO_ONLY = False
+    TRANSFERS = TRANSFER_DECODE
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"samples": ("LATENT", {"tooltip": "The latent to decode."})}
+        required.update(
+            _connection_inputs(cls.TRANSFERS, preset_choices(cls.VIDEO_ONLY), DECODE_TRANSFER_TIP)
+        )
+        return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
+
+    def decode(
+        self,
+        samples,
+        preset,
+        endpoint,
+        transfer,
+        timeout,
+        vae=None,
+        token_env=DEFAULT_TOKEN_ENV,
+        unique_id=None,
+    ):
+        from .operations import decode_node
+
+        images = decode_node(
+            unique_id,
+            samples,
+            vae,
+            preset=preset,
+            endpoint=endpoint,
+            transfer=transfer,
+            timeout=timeout,
+            token_env=token_env,
+            video_only=self.VIDEO_ONLY,
+            transfers=self.TRANSFERS,
+        )
+        return (images,)
+
+
+class RemoteVideoDecode(RemoteVAEDecode):
+    """Video LATENT [B,C,T,H,W] -> IMAGE frames [B*F,H,W,3], one request per video."""
+
+    DESCRIPTION = "Decodes video latents on a remote VAE server; returns every video's frames in order."
+    OUTPUT_TOOLTIPS = ("The frames of every video in the batch, in order.",)
+    VIDEO_ONLY = True
+    TRANSFERS = TRANSFER_VIDEO
+
+
+class RemoteVAEEncode:
+    """IMAGE -> LATENT on a remote VAE server; the same latents as VAEEncode with the same weights."""
+
+    DESCRIPTION = "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The raw latents (posterior mode), as VAEEncode gives them.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {
+            "pixels": ("IMAGE", {"tooltip": "The images to encode (a video VAE: the frames of one video)."})
+        }
+        required.update(_connection_inputs(TRANSFER_ENCODE, preset_choices(), ENCODE_TRANSFER_TIP))
+        return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
+
+    def encode(
+        self,
+        pixels,
+        preset,
+        endpoint,
+        transfer,
+        timeout,
+        vae=None,
+        token_env=DEFAULT_TOKEN_ENV,
+        unique_id=None,
+    ):
+        from .operations import encode_node
+
+        latent = encode_node(
+            unique_id,
+            pixels,
+            vae,
+            preset=preset,
+            endpoint=endpoint,
+            transfer=transfer,
+            timeout=timeout,
+            token_env=token_env,
+        )
+        return (latent,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "RemoteVAEDecode": RemoteVAEDecode,
+    "RemoteVAEEncode": RemoteVAEEncode,
+    "RemoteVideoDecode": RemoteVideoDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RemoteVAEDecode": "Remote VAE Decode",
+    "RemoteVAEEncode": "Remote VAE Encode",
+    "RemoteVideoDecode": "Remote Video Decode",
+}

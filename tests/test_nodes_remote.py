@@ -1,0 +1,404 @@
+"""The node classes and their operations against our real VAE server on 127.0.0.1 (tiny random models).
+
+References are computed in-process with the very modules the server hosts (the `models` and `server`
+fixtures of conftest.py), the way ComfyUI's VAEDecode / VAEEncode define the result:
+IMAGE = clamp((decoder(z) + 1) / 2) channel-last, LATENT = encoder(2x - 1) posterior mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from remote_vae.nodes import operations
+from remote_vae.nodes.convert import crop_pixels
+from remote_vae.nodes.resolve import NodeInputError
+from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
+from remote_vae.remote import protocol
+from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
+from remote_vae.remote.presets import PresetError
+
+# lossless = the server's uint8 rounding of (x*0.5+0.5) computed in float16: at most 0.5 LSB for the rounding
+# plus 2**-11 * 255 = 0.125 LSB for float16. Measured: 0.59 / 255.
+LOSSLESS_ATOL = 0.63 / 255
+# exact = the same float32 model; only batch-size dependent kernel choices differ (measured <= 6e-6).
+EXACT_ATOL = 1e-5
+
+
+@torch.no_grad()
+def reference_images(model, latent: torch.Tensor) -> torch.Tensor:
+    out = torch.clamp((model.decode(latent).sample + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+    return out.reshape(-1, *out.shape[-3:])
+
+
+@torch.no_grad()
+def reference_latent(model, pixels: torch.Tensor) -> torch.Tensor:
+    return model.encode(pixels.movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
+
+
+class DiffusersAsComfyVAE:
+    """A diffusers VAE behind ComfyUI's VAE interface (`decode` / `encode`), to exercise the fallback path."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = 0
+
+    @torch.no_grad()
+    def decode(self, samples):
+        self.calls += 1
+        out = torch.clamp((self.model.decode(samples).sample + 1.0) / 2.0, 0.0, 1.0)
+        return out.movedim(1, -1)  # [B,H,W,3], or [B,F,H,W,3] for videos: what comfy.sd.VAE.decode returns
+
+    @torch.no_grad()
+    def encode(self, pixels):
+        self.calls += 1
+        return reference_latent(self.model, crop_pixels(pixels, 8))
+
+
+def latent(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def pixels(*shape: int, seed: int = 0) -> torch.Tensor:
+    """8-bit pixels as LoadImage gives them (k / 255 in float32)."""
+    values = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+    return values.float() / 255.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10 * math.log10(1.0 / ((a - b) ** 2).mean().item())
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def test_decode_lossless_matches_vaedecode(server, models):
+    samples = latent(2, 4, 8, 6)
+    (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "lossless", 300)
+    assert images.shape == (2, 64, 48, 3) and images.dtype == torch.float32
+    assert torch.equal(images, (images * 255).round() / 255)  # 8-bit values
+    assert (images - reference_images(models["sd15"], samples)).abs().max() <= LOSSLESS_ATOL
+
+
+def test_decode_exact_matches_vaedecode(server, models):
+    samples = latent(2, 4, 8, 6, seed=1)
+    (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "exact", 300)
+    torch.testing.assert_close(images, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
+
+
+def test_decode_compact_is_close(server, models):
+    samples = latent(2, 4, 8, 8, seed=2)
+    (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "compact", 300)
+    assert images.shape == (2, 64, 64, 3)
+    assert psnr(images, reference_images(models["sd15"], samples)) > 30  # JPEG q95; measured 36 dB
+
+
+def test_decode_flux_latents_and_extra_latent_keys_are_ignored(server, models):
+    samples = latent(1, 16, 4, 4, seed=3)
+    extra = {"samples": samples, "batch_index": [7], "noise_mask": torch.ones(1, 1, 32, 32)}
+    (images,) = RemoteVAEDecode().decode(extra, "flux", f"{server}/flux", "exact", 300)
+    torch.testing.assert_close(images, reference_images(models["flux"], samples), atol=EXACT_ATOL, rtol=0)
+
+
+def test_decode_auto_with_endpoint(server, models):
+    samples = latent(1, 4, 4, 4, seed=4)
+    (images,) = RemoteVAEDecode().decode({"samples": samples}, "auto", f"{server}/sdxl", "exact", 300)
+    torch.testing.assert_close(images, reference_images(models["sdxl"], samples), atol=EXACT_ATOL, rtol=0)
+
+
+def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(server, models):
+    samples = latent(5, 4, 4, 4, seed=5)
+    outcome = operations.decode_latent(
+        samples,
+        preset="sd15",
+        endpoint=f"{server}/sd15",
+        transfer="exact",
+        pixel_budget=2 * 32 * 32,
+        parallel=3,
+    )
+    assert len(outcome.transfers) == 3  # 2 + 2 + 1 images under a budget of two 32x32 images
+    assert [t.bytes_sent for t in outcome.transfers] == [2 * 256, 2 * 256, 256]  # 4x4x4 float32 latents
+    assert [t.bytes_received for t in outcome.transfers] == [2 * 3 * 32 * 32 * 4] * 2 + [3 * 32 * 32 * 4]
+    torch.testing.assert_close(
+        outcome.value, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("preset", ["hunyuan_video", "wan21"])
+@pytest.mark.parametrize("transfer", ["lossless", "exact"])
+def test_video_decode_returns_every_frame_of_every_video_in_order(server, models, preset, transfer):
+    samples = latent(2, 16, 2, 3, 4, seed=6)  # two videos of 2 latent frames -> 5 frames each
+    outcome = operations.decode_latent(
+        samples, preset=preset, endpoint=f"{server}/{preset}", transfer=transfer, video_only=True
+    )
+    assert len(outcome.transfers) == 2  # one request per video
+    expected = torch.cat([reference_images(models[preset], samples[i : i + 1]) for i in range(2)])
+    assert outcome.value.shape == (10, 24, 32, 3)
+    atol = LOSSLESS_ATOL if transfer == "lossless" else EXACT_ATOL
+    assert (outcome.value - expected).abs().max() <= atol
+
+
+def test_video_node_class(server, models):
+    samples = latent(1, 16, 2, 2, 2, seed=7)
+    (frames,) = RemoteVideoDecode().decode({"samples": samples}, "auto", f"{server}/wan21", "exact", 300)
+    torch.testing.assert_close(frames, reference_images(models["wan21"], samples), atol=EXACT_ATOL, rtol=0)
+
+
+def test_decode_input_errors_before_any_request(server):
+    node = RemoteVAEDecode()
+    with pytest.raises(PresetError, match="latent has 16 channels but preset sd15 expects 4"):
+        node.decode({"samples": latent(1, 16, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 300)
+    with pytest.raises(PresetError, match=r"fits several presets \(sd15, sdxl\)"):
+        node.decode({"samples": latent(1, 4, 4, 4)}, "auto", "", "lossless", 300)
+    with pytest.raises(
+        NodeInputError, match="no public Hugging Face decode endpoint.*http://127.0.0.1:8190/wan21"
+    ):
+        node.decode({"samples": latent(1, 16, 2, 4, 4)}, "wan21", "", "lossless", 300)
+    with pytest.raises(NodeInputError, match="'compact' \\(JPEG\\) is for image latents"):
+        node.decode({"samples": latent(1, 16, 2, 4, 4)}, "wan21", f"{server}/wan21", "compact", 300)
+    with pytest.raises(NodeInputError, match="Remote Video Decode takes video latents"):
+        RemoteVideoDecode().decode(
+            {"samples": latent(1, 16, 4, 4)}, "auto", f"{server}/flux", "lossless", 300
+        )
+    with pytest.raises(NodeInputError, match="transfer 'compact' is not one of lossless, exact"):
+        RemoteVideoDecode().decode(
+            {"samples": latent(1, 16, 2, 4, 4)}, "auto", f"{server}/wan21", "compact", 300
+        )
+    with pytest.raises(NodeInputError, match="timeout 1 s is below the minimum of 5 s"):
+        node.decode({"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 1)
+    with pytest.raises(NodeInputError, match="NAME of an environment variable"):
+        node.decode(
+            {"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 300, token_env="hf abc"
+        )
+
+
+# --------------------------------------------------------------------------- encode
+
+
+@pytest.mark.parametrize("transfer", ["lossless", "exact"])
+def test_encode_matches_vaeencode_with_crop_and_alpha_dropped(server, models, transfer):
+    image = pixels(2, 37, 45, 4, seed=8)  # RGBA, not a multiple of 8
+    (result,) = RemoteVAEEncode().encode(image, "sd15", f"{server}/sd15", transfer, 300)
+    assert set(result) == {"samples"} and result["samples"].dtype == torch.float32
+    expected = reference_latent(models["sd15"], crop_pixels(image[..., :3], 8))
+    assert result["samples"].shape == (2, 4, 4, 5)
+    torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
+
+
+def test_encode_exact_keeps_values_that_are_not_8_bit(server, models):
+    image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(9))
+    (result,) = RemoteVAEEncode().encode(image, "flux", f"{server}/flux", "exact", 300)
+    torch.testing.assert_close(
+        result["samples"], reference_latent(models["flux"], image), atol=EXACT_ATOL, rtol=0
+    )
+
+
+def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
+    image = pixels(3, 16, 24, 3, seed=10)
+    outcome = operations.encode_image(
+        image, preset="auto", endpoint=f"{server}/sdxl", transfer="lossless", pixel_budget=16 * 24
+    )
+    assert len(outcome.transfers) == 3
+    torch.testing.assert_close(
+        outcome.value, reference_latent(models["sdxl"], image), atol=EXACT_ATOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("preset", ["hunyuan_video", "wan21"])
+@pytest.mark.parametrize("transfer", ["lossless", "exact"])
+def test_encode_video_frames_as_one_video(server, models, preset, transfer):
+    frames = pixels(5, 16, 24, 3, seed=11)
+    (result,) = RemoteVAEEncode().encode(frames, preset, f"{server}/{preset}", transfer, 300)
+    video = frames.movedim(-1, 0).unsqueeze(0) * 2.0 - 1.0  # [1,3,F,H,W], as ComfyUI's VAE.encode does
+    with torch.no_grad():
+        expected = models[preset].encode(video).latent_dist.mode()
+    assert result["samples"].shape == (1, 16, 2, 2, 3)
+    torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
+
+
+def test_encode_input_errors(server):
+    node = RemoteVAEEncode()
+    with pytest.raises(PresetError, match="'auto' cannot tell from pixels"):
+        node.encode(pixels(1, 8, 8, 3), "auto", "", "lossless", 300)
+    with pytest.raises(NodeInputError, match="hunyuan_video has no public Hugging Face encode endpoint"):
+        node.encode(pixels(1, 8, 8, 3), "hunyuan_video", "", "lossless", 300)
+    with pytest.raises(NodeInputError, match="smaller than 8 pixels"):
+        node.encode(pixels(1, 7, 30, 3), "sd15", f"{server}/sd15", "lossless", 300)
+    with pytest.raises(NodeInputError, match=r"IMAGE of shape \[8, 8, 3\] is not \[B,H,W,3\]"):
+        node.encode(pixels(8, 8, 3), "sd15", f"{server}/sd15", "lossless", 300)
+    with pytest.raises(NodeInputError, match="transfer 'compact' is not one of lossless, exact"):
+        node.encode(pixels(1, 8, 8, 3), "sd15", f"{server}/sd15", "compact", 300)
+
+
+# --------------------------------------------------------------------------- remote failures, fallback, cancel
+
+
+def test_remote_error_carries_endpoint_status_and_server_message(server):
+    with pytest.raises(RemoteVAEError) as caught:
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/nope", "lossless", 300)
+    assert caught.value.status == 404
+    assert str(caught.value).startswith(f"{server}/nope answered 404: ")
+    assert "sd15" in caught.value.server_message  # the server lists the models it hosts
+    assert "hint: wrong URL or model name" in str(caught.value)
+
+
+def test_server_rejection_without_fallback(server):
+    # The server checks the latent against its model: a flux latent sent to the sd15 model is refused.
+    with pytest.raises(RemoteVAEError, match="answered 400") as caught:
+        RemoteVAEDecode().decode({"samples": latent(1, 16, 4, 4)}, "auto", f"{server}/sd15", "lossless", 300)
+    assert "16 channels" in caught.value.server_message
+
+
+def test_connection_refused_says_whether_the_server_runs():
+    with socket_closed_port() as port, pytest.raises(RemoteVAEError, match="is the server running at"):
+        operations.decode_latent(
+            latent(1, 4, 4, 4), preset="sd15", endpoint=f"http://127.0.0.1:{port}/sd15", transfer="exact"
+        )
+
+
+def test_fallback_decode_uses_the_local_vae_with_a_warning(models, caplog):
+    vae = DiffusersAsComfyVAE(models["sd15"])
+    samples = latent(2, 4, 4, 4, seed=12)
+    with socket_closed_port() as port, caplog.at_level(logging.WARNING, logger="remote_vae"):
+        (images,) = RemoteVAEDecode().decode(
+            {"samples": samples}, "sd15", f"http://127.0.0.1:{port}/sd15", "lossless", 300, vae=vae
+        )
+    assert vae.calls == 1
+    assert torch.equal(images, vae.decode(samples))
+    warning = (
+        f"Remote VAE decode failed, used the connected VAE locally instead: http://127.0.0.1:{port}/sd15"
+    )
+    assert warning in caplog.text
+
+
+def test_fallback_video_decode_returns_frames(models, server):
+    vae = DiffusersAsComfyVAE(models["wan21"])
+    samples = latent(2, 16, 2, 2, 2, seed=13)
+    (frames,) = RemoteVideoDecode().decode(
+        {"samples": samples}, "wan21", f"{server}/missing", "exact", 300, vae=vae
+    )
+    assert frames.shape == (10, 16, 16, 3)
+    assert torch.equal(frames, reference_images(models["wan21"], samples))
+
+
+def test_fallback_encode(models, server, caplog):
+    vae = DiffusersAsComfyVAE(models["sd15"])
+    image = pixels(1, 16, 16, 3, seed=14)
+    with caplog.at_level(logging.WARNING, logger="remote_vae"):
+        (result,) = RemoteVAEEncode().encode(image, "sd15", f"{server}/missing", "lossless", 300, vae=vae)
+    assert torch.equal(result["samples"], reference_latent(models["sd15"], image))
+    assert "Remote VAE encode failed, used the connected VAE locally instead" in caplog.text
+
+
+def test_input_errors_are_not_hidden_by_the_fallback(models, server):
+    vae = DiffusersAsComfyVAE(models["sd15"])
+    with pytest.raises(PresetError, match="latent has 16 channels"):
+        RemoteVAEDecode().decode(
+            {"samples": latent(1, 16, 4, 4)}, "sd15", f"{server}/sd15", "exact", 300, vae=vae
+        )
+    assert vae.calls == 0
+
+
+# --------------------------------------------------------------------------- small stub servers for what ours never does
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port
+
+
+@contextlib.contextmanager
+def stub_server(answer=None, stall: threading.Event | None = None):
+    """POST handler on 127.0.0.1: records each request's headers, then answers `answer(body)` =
+    (status, headers, body) or, with `stall`, waits until the event is set and answers nothing."""
+    seen: list[dict] = []
+    arrived = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            arrived.set()
+            if stall is not None:
+                stall.wait(120)
+                return
+            status, headers, payload = answer(body)
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(payload))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/sd15", seen, arrived
+    finally:
+        if stall is not None:
+            stall.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def tensor_answer(tensor: torch.Tensor):
+    body, headers = protocol.tensor_response(tensor)
+    return lambda _request: (200, headers, body)
+
+
+def test_reply_of_the_wrong_shape_is_an_error_and_falls_back(models):
+    wrong = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)  # a 4x4 latent decodes to 32x32, not 8x8
+    with stub_server(tensor_answer(wrong)) as (url, _, _):
+        with pytest.raises(
+            RemoteVAEError, match=r"answered 200 but it holds \[1, 8, 8, 3\] uint8 where a latent"
+        ) as e:
+            RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300)
+        assert "hint: check that the endpoint URL and the preset name the same model" in str(e.value)
+        vae = DiffusersAsComfyVAE(models["sd15"])
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, vae=vae)
+        assert vae.calls == 1
+
+
+def test_token_is_read_from_the_named_variable_and_sent(monkeypatch):
+    monkeypatch.setenv("MY_VAE_TOKEN", "s3cret-token")
+    with stub_server(tensor_answer(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))) as (url, seen, _):
+        RemoteVAEDecode().decode(
+            {"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="MY_VAE_TOKEN"
+        )
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="")
+    assert seen[0]["authorization"] == "Bearer s3cret-token"
+    assert "authorization" not in seen[1]
+
+
+@pytest.mark.timeout(60)  # a broken cancel would wait for the 300 s read timeout: the test fails, never hangs
+def test_cancel_ends_a_stalled_request_and_a_parallel_batch():
+    stall = threading.Event()
+    with stub_server(stall=stall) as (url, seen, arrived):
+        with pytest.raises(RemoteVAECancelled, match="request was cancelled"):
+            operations.run_node(
+                "5",
+                None,
+                lambda: operations.decode_latent(
+                    latent(4, 4, 4, 4), preset="sd15", endpoint=url, transfer="lossless", timeout=300,
+                    pixel_budget=32 * 32, interrupted=arrived.is_set,  # "Cancel" as soon as a request is in flight
+                ),
+                lambda: None,
+                "decode",
+            )  # fmt: skip
+    assert 1 <= len(seen) <= 3  # at most `parallel` requests were started before the cancel
