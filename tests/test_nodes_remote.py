@@ -7,20 +7,17 @@ IMAGE = clamp((decoder(z) + 1) / 2) channel-last, LATENT = encoder(2x - 1) poste
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import stub_servers
 import torch
 
 from remote_vae.nodes import operations
 from remote_vae.nodes.convert import crop_pixels
 from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
-from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
 from remote_vae.remote.presets import PresetError
 
@@ -256,23 +253,22 @@ def test_server_rejection_without_fallback(server):
 
 
 def test_connection_refused_says_whether_the_server_runs():
-    with socket_closed_port() as port, pytest.raises(RemoteVAEError, match="is the server running at"):
+    with pytest.raises(RemoteVAEError, match="refused the connection.*is the server running at"):
         operations.decode_latent(
-            latent(1, 4, 4, 4), preset="sd15", endpoint=f"http://127.0.0.1:{port}/sd15", transfer="exact"
+            latent(1, 4, 4, 4), preset="sd15", endpoint=stub_servers.refused_url() + "sd15"
         )
 
 
 def test_fallback_decode_uses_the_local_vae_with_a_warning(models, caplog):
     vae = DiffusersAsComfyVAE(models["sd15"])
     samples = latent(2, 4, 4, 4, seed=12)
-    with socket_closed_port() as port, caplog.at_level(logging.WARNING, logger="remote_vae"):
-        (images,) = RemoteVAEDecode().decode(
-            {"samples": samples}, "sd15", f"http://127.0.0.1:{port}/sd15", "lossless", 300, vae=vae
-        )
+    url = stub_servers.refused_url() + "sd15"
+    with caplog.at_level(logging.WARNING, logger="remote_vae"):
+        (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", url, "lossless", 300, vae=vae)
     assert vae.calls == 1
     assert torch.equal(images, vae.decode(samples))
     warning = (
-        f"Remote VAE decode failed, used the connected VAE locally instead: http://127.0.0.1:{port}/sd15"
+        f"Remote VAE decode failed, used the connected VAE locally instead: {url} refused the connection"
     )
     assert warning in caplog.text
 
@@ -305,66 +301,13 @@ def test_input_errors_are_not_hidden_by_the_fallback(models, server):
     assert vae.calls == 0
 
 
-# --------------------------------------------------------------------------- small stub servers for what ours never does
-
-
-@contextlib.contextmanager
-def socket_closed_port():
-    """A port on 127.0.0.1 with nothing listening (connections are refused)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    yield port
-
-
-@contextlib.contextmanager
-def stub_server(answer=None, stall: threading.Event | None = None):
-    """POST handler on 127.0.0.1: records each request's headers, then answers `answer(body)` =
-    (status, headers, body) or, with `stall`, waits until the event is set and answers nothing."""
-    seen: list[dict] = []
-    arrived = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append({k.lower(): v for k, v in self.headers.items()})
-            arrived.set()
-            if stall is not None:
-                stall.wait(120)
-                return
-            status, headers, payload = answer(body)
-            self.send_response(status)
-            for key, value in {**headers, "Content-Length": str(len(payload))}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/sd15", seen, arrived
-    finally:
-        if stall is not None:
-            stall.set()
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def tensor_answer(tensor: torch.Tensor):
-    body, headers = protocol.tensor_response(tensor)
-    return lambda _request: (200, headers, body)
+# --------------------------------------------------------------------------- stub servers for what ours never does
 
 
 def test_reply_of_the_wrong_shape_is_an_error_and_falls_back(models):
     wrong = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)  # a 4x4 latent decodes to 32x32, not 8x8
-    with stub_server(tensor_answer(wrong)) as (url, _, _):
+    with stub_servers.recorder(stub_servers.tensor_answer(wrong)) as stub:
+        url = stub.url + "sd15"
         with pytest.raises(
             RemoteVAEError, match=r"answered 200 but it holds \[1, 8, 8, 3\] uint8 where a latent"
         ) as e:
@@ -377,28 +320,29 @@ def test_reply_of_the_wrong_shape_is_an_error_and_falls_back(models):
 
 def test_token_is_read_from_the_named_variable_and_sent(monkeypatch):
     monkeypatch.setenv("MY_VAE_TOKEN", "s3cret-token")
-    with stub_server(tensor_answer(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))) as (url, seen, _):
+    answer = stub_servers.tensor_answer(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+    with stub_servers.recorder(answer) as stub:
+        url = stub.url + "sd15"
         RemoteVAEDecode().decode(
             {"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="MY_VAE_TOKEN"
         )
         RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="")
-    assert seen[0]["authorization"] == "Bearer s3cret-token"
-    assert "authorization" not in seen[1]
+    assert stub.requests[0].header("Authorization") == "Bearer s3cret-token"
+    assert stub.requests[1].header("Authorization") is None
 
 
 @pytest.mark.timeout(60)  # a broken cancel would wait for the 300 s read timeout: the test fails, never hangs
 def test_cancel_ends_a_stalled_request_and_a_parallel_batch():
-    stall = threading.Event()
-    with stub_server(stall=stall) as (url, seen, arrived):
+    with stub_servers.stalling() as stub:
         with pytest.raises(RemoteVAECancelled, match="request was cancelled"):
             operations.run_node(
                 "5",
                 None,
                 lambda: operations.decode_latent(
-                    latent(4, 4, 4, 4), preset="sd15", endpoint=url, transfer="lossless", timeout=300,
-                    pixel_budget=32 * 32, interrupted=arrived.is_set,  # "Cancel" as soon as a request is in flight
+                    latent(4, 4, 4, 4), preset="sd15", endpoint=stub.url, transfer="lossless", timeout=300,
+                    pixel_budget=32 * 32, interrupted=lambda: bool(stub.requests),  # Cancel once one is in flight
                 ),
                 lambda: None,
                 "decode",
             )  # fmt: skip
-    assert 1 <= len(seen) <= 3  # at most `parallel` requests were started before the cancel
+    assert 1 <= len(stub.requests) <= 3  # at most `parallel` requests were started before the cancel
