@@ -19,6 +19,7 @@ from .app import check_model_name, create_app
 from .engine import ModelHost, resolve_device
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+LOAD_HINT = "to serve a local copy, start the server with --model {spec}=/path/to/vae.safetensors (or a diffusers folder)"
 
 
 def parse_model_spec(spec: str) -> tuple[str, Preset, str | None]:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_host(specs: Sequence[str], device: str, dtype: str) -> ModelHost:
-    host = ModelHost()
+    host = ModelHost(load_hint=LOAD_HINT)
     models = [parse_model_spec(spec) for spec in specs] or [(p.name, p, None) for p in PRESETS.values()]
     for name, preset, source in models:
         host.add(name, preset, source=source, device=device, dtype=dtype)
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     url = base_url(args.host, args.port)
     for i, model in enumerate(host.models()):
         default = f"  (also {url}/)" if i == 0 else ""
-        print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {model.dtype}] at {url}/{model.name}{default}")
+        dtype = str(model.dtype).removeprefix("torch.")
+        print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}")
     print(f"remote-vae-server: model list at {url}/v1/models", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

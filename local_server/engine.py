@@ -195,8 +195,9 @@ class ModelHost:
     separate pool of `cpu_threads`.
     """
 
-    def __init__(self, *, loader: LoadFn = load_from_source, cpu_threads: int = 2) -> None:
+    def __init__(self, *, loader: LoadFn = load_from_source, cpu_threads: int = 2, load_hint: str | None = None) -> None:
         self._loader = loader
+        self._load_hint = load_hint  # appended to load failures; may use {name} and {spec} (name or alias:preset)
         self._models: dict[str, HostedModel] = {}
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="remote-vae-cpu")
@@ -295,6 +296,9 @@ class ModelHost:
             model = self._loader(hosted.preset, hosted.source, device=hosted.device, dtype=hosted.dtype)
         except Exception as exc:
             message = f"model {hosted.name!r} could not be loaded from {source}: {exc}"
+            if self._load_hint and "--model" not in message:  # loading.py's errors bring their own hint
+                spec = hosted.name if hosted.name == hosted.preset.name else f"{hosted.name}:{hosted.preset.name}"
+                message += "; " + self._load_hint.format(name=hosted.name, spec=spec)
             log.error("%s", message, exc_info=not _is_load_error(exc))
             with self._lock:
                 hosted.state, hosted.error = FAILED, message
