@@ -33,6 +33,7 @@ from PIL import Image
 from requests.structures import CaseInsensitiveDict
 
 from . import protocol
+from .endpoints import pool_for, split_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,62 @@ def backoff_seconds(backoff: float, attempt: int) -> float:
 
 
 def send(
+    endpoint: str | Sequence[str],
+    wire: protocol.WireRequest,
+    *,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF,
+    token: str | None = None,
+    token_env: str | None = "REMOTE_VAE_TOKEN",
+    cold_start_timeout: int | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+    session: requests.Session | None = None,
+) -> Reply:
+    """POST `wire` to `endpoint` and return the 2xx reply; see `send_one` for retries and errors.
+
+    `endpoint` may name several servers hosting the same model (a list, or one string separated by
+    commas or spaces): each request goes to the one with the fewest requests outstanding, and when
+    it cannot be reached or answers a retryable status the request fails over to the next one.
+    """
+    options = dict(
+        timeout=timeout, backoff=backoff, token=token, token_env=token_env,
+        cold_start_timeout=cold_start_timeout, progress=progress, cancel=cancel, session=session,
+    )  # fmt: skip
+    candidates = split_endpoints(endpoint)
+    if len(candidates) <= 1:
+        return send_one(candidates[0] if candidates else "", wire, retries=retries, **options)
+    pool = pool_for(candidates)
+    tried: list[str] = []
+    failures: list[RemoteVAEError] = []
+    while (chosen := pool.acquire(exclude=tried)) is not None:
+        last = len(tried) == len(candidates) - 1
+        failed = False
+        try:
+            return send_one(chosen, wire, retries=retries if last else 0, **options)
+        except RemoteVAECancelled:
+            raise
+        except RemoteVAEError as exc:
+            if exc.status is not None and exc.status not in RETRY_STATUSES:
+                raise  # the request itself is wrong: another server would say the same
+            failed = True
+            tried.append(chosen)
+            failures.append(exc)
+            if not last:
+                log.warning("%s; failing over to the next endpoint", exc)
+        finally:
+            pool.release(chosen, failed=failed)
+    raise RemoteVAEError(
+        ", ".join(display_url(e) for e in candidates),
+        f"all {len(candidates)} endpoints failed: " + "; ".join(str(f) for f in failures),
+        status=failures[-1].status,
+        server_message=failures[-1].server_message,
+        hint="are the servers running and reachable?",
+    )
+
+
+def send_one(
     endpoint: str,
     wire: protocol.WireRequest,
     *,
