@@ -359,7 +359,10 @@ def parse_tensor_body(query: dict[str, list[str]], body: bytes) -> torch.Tensor:
     if dtype is None:
         raise ProtocolError("expected `dtype` in query params")
     torch_dtype = parse_dtype(dtype)
-    return tensor_from_bytes(body, parse_shape_params(query), torch_dtype)
+    tensor = tensor_from_bytes(body, parse_shape_params(query), torch_dtype)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ProtocolError("tensor contains NaN or infinite values; send finite numbers")
+    return tensor
 
 
 def _parse_scaling(query: dict[str, list[str]], allow_model_defaults: bool) -> Scaling:

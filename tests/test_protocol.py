@@ -620,3 +620,15 @@ def test_parse_encode_request_errors(items, body, message):
 
 def test_error_body_is_hf_json():
     assert json.loads(protocol.error_body("bad `dtype`")) == {"error": "bad `dtype`"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_tensors_are_refused_on_both_paths(bad):
+    tensor = torch.zeros(1, 4, 2, 2, dtype=torch.float16)
+    tensor[0, 1, 1, 0] = bad
+    wire = protocol.build_decode_request(tensor, output_type="pt")
+    with pytest.raises(protocol.ProtocolError, match="tensor contains NaN or infinite values"):
+        protocol.parse_decode_request(wire.params, wire.headers, wire.body)
+    wire = protocol.build_encode_request(tensor.float())
+    with pytest.raises(protocol.ProtocolError, match="tensor contains NaN or infinite values"):
+        protocol.parse_encode_request(wire.params, wire.headers, wire.body)
