@@ -56,7 +56,7 @@ def reference_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_within_one(got: torch.Tensor | np.ndarray, want: torch.Tensor) -> None:
-    got = torch.as_tensor(np.array(got)).to(torch.int16)
+    got = (got if isinstance(got, torch.Tensor) else torch.from_numpy(np.array(got))).to(torch.int16)
     assert got.shape == want.shape
     assert (got - want.to(torch.int16)).abs().max().item() <= 1
 

@@ -286,6 +286,36 @@ def test_load_failure_is_a_503_and_the_server_stays_up():
         host.close()
 
 
+def test_models_show_loading_while_they_load_and_health_still_answers():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_loader(preset, source, *, device, dtype):
+        started.set()
+        assert release.wait(60), "the test never released the load"
+        return tiny_kl(preset.latent_channels)
+
+    host = ModelHost(loader=slow_loader)
+    host.add("sd15", PRESETS["sd15"], device="cpu")
+    try:
+        with serve(create_app(host)) as url:
+            result: dict = {}
+            thread = threading.Thread(
+                target=lambda: result.update(r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False))
+            )
+            thread.start()
+            try:
+                assert started.wait(30), "load never started"
+                assert requests.get(url + "/health", timeout=10).status_code == 200
+                assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "loading"
+            finally:
+                release.set()
+                thread.join(60)
+            assert list(tensor_of(result["r"]).shape) == [1, 3, 64, 64]
+            assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "loaded"
+    finally:
+        host.close()
+
+
 def test_preload_loads_eagerly_and_logs_failures(caplog):
     loader = FlakyLoader()
     host = ModelHost(loader=loader)
