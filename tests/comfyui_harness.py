@@ -283,6 +283,7 @@ def running_comfyui(base: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[Co
         link.symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "remote_vae_test_probe.py").write_text(PROBE_NODE)
     port = free_port()
+    # --cache-none: every prompt runs every node, so each test sees its own node's events and outputs.
     cmd = [
         sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
         "--disable-auto-launch", "--disable-api-nodes", "--cache-none",
