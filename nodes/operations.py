@@ -68,16 +68,16 @@ class Connection:
             cancel=lambda: stop.is_set() or self.interrupted(),
         )
 
-    @staticmethod
-    def unexpected(err: UnexpectedReply, reply) -> client.RemoteVAEError:
-        """A reply that parsed but holds the wrong thing, as the client's error (so fallback applies)."""
-        status = reply.transfer.status
-        return client.RemoteVAEError(
-            reply.transfer.endpoint,
-            f"answered {status} but {err}",
-            status=status,
-            hint="check that the endpoint URL and the preset name the same model",
-        )
+
+def _unexpected(err: UnexpectedReply, reply) -> client.RemoteVAEError:
+    """A reply that parsed but holds the wrong thing, as the client's error (so the fallback applies)."""
+    status = reply.transfer.status
+    return client.RemoteVAEError(
+        reply.transfer.endpoint,
+        f"answered {status} but {err}",
+        status=status,
+        hint="check that the endpoint URL and the preset name the same model",
+    )
 
 
 def _connect(
@@ -126,7 +126,7 @@ def decode_latent(
     chosen = decode_preset(preset, shape, has_endpoint=bool((endpoint or "").strip()), video_only=video_only)
     if transfer == "compact" and len(shape) == 5:
         raise NodeInputError(
-            "transfer 'compact' (JPEG) is for image latents; pick lossless or exact for videos"
+            "transfer 'compact' (JPEG) needs image latents [B,C,H,W]; pick lossless or exact for 5-D latents"
         )
     conn = _connect(endpoint, chosen, "decode", timeout, token_env, interrupted)
     _, height, width = decoded_size(chosen, shape)
@@ -144,7 +144,7 @@ def _decode_job(conn: Connection, latent: torch.Tensor, transfer: str, preset: P
         try:
             return image_from_reply(reply, transfer, preset, list(latent.shape)), reply.transfer
         except UnexpectedReply as err:
-            raise conn.unexpected(err, reply) from None
+            raise _unexpected(err, reply) from None
 
     return job
 
@@ -198,7 +198,7 @@ def _encode_job(
         try:
             return latent_from_reply(reply, preset, list(pixels.shape), as_video, one_frame), reply.transfer
         except UnexpectedReply as err:
-            raise conn.unexpected(err, reply) from None
+            raise _unexpected(err, reply) from None
 
     return job
 
@@ -208,20 +208,21 @@ def _encode_job(
 
 def run_node(
     node_id: str | None,
-    vae,
     remote: Callable[[], Outcome],
-    local: Callable[[], torch.Tensor | dict],
+    local: Callable[[], torch.Tensor] | None,
     what: str,
-):
-    """Run `remote`; report its transfers. On Cancel raise ComfyUI's interrupt. On a remote failure use
-    `local` (the connected VAE) with a visible warning, or re-raise when no VAE is connected."""
+) -> torch.Tensor:
+    """Run `remote` and report its transfers. On Cancel raise ComfyUI's interrupt. When the remote fails,
+    run `local` (the connected VAE) with a visible warning, or re-raise when there is none.
+
+    Input errors (preset, endpoint, transfer) are raised as they are: a fallback would hide them."""
     try:
         outcome = remote()
     except client.RemoteVAECancelled:
         comfy_runtime.raise_interrupt()
         raise
     except client.RemoteVAEError as err:
-        if vae is None:
+        if local is None:
             raise
         report_warning(node_id, f"Remote VAE {what} failed, used the connected VAE locally instead: {err}")
         return local()
@@ -229,23 +230,23 @@ def run_node(
     return outcome.value
 
 
-def decode_node(node_id, samples: dict, vae, **widgets) -> torch.Tensor:
+def decode_node(node_id: str | None, samples: dict, vae, **widgets) -> torch.Tensor:
+    """RemoteVAEDecode / RemoteVideoDecode: LATENT dict -> IMAGE (other LATENT keys do not matter here)."""
     latent = samples["samples"]
     return run_node(
         node_id,
-        vae,
         lambda: decode_latent(latent, node_id=node_id, **widgets),
-        lambda: local_decode(vae, latent),
+        None if vae is None else lambda: local_decode(vae, latent),
         "decode",
     )
 
 
-def encode_node(node_id, pixels: torch.Tensor, vae, **widgets) -> dict:
-    result = run_node(
+def encode_node(node_id: str | None, pixels: torch.Tensor, vae, **widgets) -> dict:
+    """RemoteVAEEncode: IMAGE -> LATENT dict."""
+    latent = run_node(
         node_id,
-        vae,
         lambda: encode_image(pixels, node_id=node_id, **widgets),
-        lambda: local_encode(vae, pixels),
+        None if vae is None else lambda: local_encode(vae, pixels),
         "encode",
     )
-    return result if isinstance(result, dict) else {"samples": result}
+    return {"samples": latent}

@@ -157,7 +157,7 @@ def test_decode_input_errors_before_any_request(server):
         NodeInputError, match="no public Hugging Face decode endpoint.*http://127.0.0.1:8190/wan21"
     ):
         node.decode({"samples": latent(1, 16, 2, 4, 4)}, "wan21", "", "lossless", 300)
-    with pytest.raises(NodeInputError, match="'compact' \\(JPEG\\) is for image latents"):
+    with pytest.raises(NodeInputError, match=r"'compact' \(JPEG\) needs image latents \[B,C,H,W\]"):
         node.decode({"samples": latent(1, 16, 2, 4, 4)}, "wan21", f"{server}/wan21", "compact", 300)
     with pytest.raises(NodeInputError, match="Remote Video Decode takes video latents"):
         RemoteVideoDecode().decode(
@@ -337,12 +337,11 @@ def test_cancel_ends_a_stalled_request_and_a_parallel_batch():
         with pytest.raises(RemoteVAECancelled, match="request was cancelled"):
             operations.run_node(
                 "5",
-                None,
                 lambda: operations.decode_latent(
                     latent(4, 4, 4, 4), preset="sd15", endpoint=stub.url, transfer="lossless", timeout=300,
                     pixel_budget=32 * 32, interrupted=lambda: bool(stub.requests),  # Cancel once one is in flight
                 ),
-                lambda: None,
+                lambda: pytest.fail("a cancelled run must not fall back"),
                 "decode",
             )  # fmt: skip
     assert 1 <= len(stub.requests) <= 3  # at most `parallel` requests were started before the cancel
