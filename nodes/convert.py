@@ -115,11 +115,19 @@ def crop_pixels(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
     return pixels
 
 
-def encode_request(pixels: torch.Tensor, transfer: str, as_video: bool) -> protocol.WireRequest:
+def encode_request(
+    pixels: torch.Tensor, transfer: str, as_video: bool, as_png: bool = False
+) -> protocol.WireRequest:
     """The request for IMAGE pixels [B,H,W,3]: uint8 NHWC (lossless) or float32 NCHW in [-1,1] (exact).
 
     `as_video`: the images are the frames of one video; the float form is then [1,3,F,H,W].
+    `as_png`: one image as a PNG file instead of a raw tensor (lossless too): the input the Hugging Face
+    encode endpoints were tested with (diffusers sends PIL images so), where raw uint8 is untested.
     """
+    if as_png and transfer == "lossless":
+        if pixels.shape[0] != 1:
+            raise ValueError(f"a PNG holds one image, not a batch of {pixels.shape[0]}")
+        return protocol.build_encode_request(_png(pixels[0]))
     if transfer == "lossless":
         wire = (pixels.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
     elif transfer == "exact":
@@ -129,6 +137,15 @@ def encode_request(pixels: torch.Tensor, transfer: str, as_video: bool) -> proto
     else:
         raise ValueError(f"transfer {transfer!r} is not one of lossless, exact")
     return protocol.build_encode_request(wire)
+
+
+def _png(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    pixels = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)  # level 6 costs ~100x the time
+    return buffer.getvalue()
 
 
 def latent_from_reply(

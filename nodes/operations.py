@@ -33,6 +33,7 @@ from .resolve import (
     encode_preset,
     endpoint_url,
     frames_are_time,
+    is_hugging_face,
     token_variable,
 )
 from .ui_events import report_transfer, report_warning
@@ -179,22 +180,32 @@ def encode_image(
         )
     as_video = frames_are_time(chosen)
     one_frame = chosen is not None and chosen.is_video and not as_video
+    as_png = transfer == "lossless" and is_hugging_face(conn.url) and not as_video
     batch, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
     if as_video:
         chunks = [slice(0, batch)]
     else:
-        chunks = plan_chunks(batch, height * width, pixel_budget, max_items=1 if one_frame else None)
-    jobs = [_encode_job(conn, pixels[chunk], transfer, chosen, as_video, one_frame) for chunk in chunks]
+        one_each = one_frame or as_png
+        chunks = plan_chunks(batch, height * width, pixel_budget, max_items=1 if one_each else None)
+    jobs = [
+        _encode_job(conn, pixels[chunk], transfer, chosen, as_video, one_frame, as_png) for chunk in chunks
+    ]
     results, seconds = _run(jobs, node_id, parallel)
     latent = torch.cat([latent for latent, _ in results])
     return Outcome(latent, [t for _, t in results], seconds)
 
 
 def _encode_job(
-    conn: Connection, pixels: torch.Tensor, transfer: str, preset, as_video: bool, one_frame: bool
+    conn: Connection,
+    pixels: torch.Tensor,
+    transfer: str,
+    preset,
+    as_video: bool,
+    one_frame: bool,
+    as_png: bool,
 ):
     def job(stop: threading.Event):
-        reply = conn.send(encode_request(pixels, transfer, as_video), stop)
+        reply = conn.send(encode_request(pixels, transfer, as_video, as_png), stop)
         try:
             return latent_from_reply(reply, preset, list(pixels.shape), as_video, one_frame), reply.transfer
         except UnexpectedReply as err:

@@ -18,6 +18,7 @@ from ..remote.presets import (
 from .choices import AUTO, is_video_model
 
 SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
+HF_HOST_SUFFIX = ".endpoints.huggingface.cloud"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
@@ -89,6 +90,12 @@ def endpoint_url(endpoint: str, preset: Preset | None, operation: str) -> str:
             f"{SERVER_EXAMPLE.format(preset.name if preset else 'sd15')}"
         )
     return url
+
+
+def is_hugging_face(url: str) -> bool:
+    """An HF Inference Endpoint (the published remote-VAE endpoints), rather than our own server."""
+    host = urlsplit(url).hostname or ""
+    return host.endswith(HF_HOST_SUFFIX)
 
 
 def token_variable(token_env: str | None) -> str | None:

@@ -188,6 +188,16 @@ def test_encode_matches_vaeencode_with_crop_and_alpha_dropped(server, models, tr
     torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
 
 
+def test_png_encode_bodies_give_the_same_latent(server, models):
+    # What the node sends the Hugging Face endpoints in lossless mode, checked against a server speaking the protocol.
+    from remote_vae.nodes.convert import encode_request
+    from remote_vae.remote import client
+
+    image = pixels(1, 16, 24, 3, seed=15)
+    latent_png = client.send(f"{server}/sd15", encode_request(image, "lossless", False, as_png=True)).tensor()
+    torch.testing.assert_close(latent_png, reference_latent(models["sd15"], image), atol=EXACT_ATOL, rtol=0)
+
+
 def test_encode_exact_keeps_values_that_are_not_8_bit(server, models):
     image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(9))
     (result,) = RemoteVAEEncode().encode(image, "flux", f"{server}/flux", "exact", 300)

@@ -208,6 +208,26 @@ def test_encode_requests():
         convert.encode_request(frames, "compact", as_video=False)
 
 
+def test_png_encode_requests_for_hugging_face_endpoints():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert resolve.is_hugging_face(PRESETS["sd15"].hf_encode_endpoint)
+    assert not resolve.is_hugging_face("http://127.0.0.1:8190/sd15")
+    image = torch.randint(0, 256, (1, 8, 16, 3)).float() / 255
+    wire = convert.encode_request(image, "lossless", as_video=False, as_png=True)
+    assert wire.params == [] and wire.headers == {}  # as diffusers sends a PIL image: a bare PNG body
+    assert wire.body.startswith(protocol.PNG_MAGIC)
+    decoded = np.asarray(Image.open(io.BytesIO(wire.body)))
+    assert np.array_equal(decoded, (image[0] * 255).round().to(torch.uint8).numpy())
+    exact = convert.encode_request(image, "exact", as_video=False, as_png=True)
+    assert _params(exact)["dtype"] == ["float32"]  # exact stays float: PNG is 8-bit
+    with pytest.raises(ValueError, match="a PNG holds one image, not a batch of 2"):
+        convert.encode_request(image.repeat(2, 1, 1, 1), "lossless", as_video=False, as_png=True)
+
+
 def test_crop_pixels_centres_like_comfyui():
     pixels = torch.arange(1 * 37 * 45 * 3, dtype=torch.float32).reshape(1, 37, 45, 3)
     cropped = convert.crop_pixels(pixels, 8)
