@@ -12,12 +12,15 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 KERNEL_ELEMENT_LIMIT = 2**31 - 1
 
-RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[torch.Tensor]]
+# `run(key, batch)` returns the batched result and something every request of the batch shares
+# (e.g. timings); each request gets back its own slice of the result and that shared part.
+RunBatch = Callable[[Hashable, torch.Tensor], Awaitable[tuple[torch.Tensor, Any]]]
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Batcher:
         self._pending: dict[Hashable, _Pending] = {}
         self.batches_run = 0  # for metrics and tests
 
-    async def submit(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+    async def submit(self, key: Hashable, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         loop = asyncio.get_running_loop()
         cost = self._cost(tensor)
         pending = self._pending.get(key)
@@ -83,7 +86,7 @@ class Batcher:
         try:
             batch = pending.tensors[0] if len(sizes) == 1 else torch.cat(pending.tensors)
             self.batches_run += 1
-            out = await self._run(key, batch)
+            out, shared = await self._run(key, batch)
             if out.shape[0] != sum(sizes):
                 raise RuntimeError(f"batched run returned {out.shape[0]} items for {sum(sizes)} inputs")
             parts = torch.split(out, sizes) if len(sizes) > 1 else (out,)
@@ -94,7 +97,7 @@ class Batcher:
             return
         for future, part in zip(pending.futures, parts):
             if not future.done():
-                future.set_result(part)
+                future.set_result((part, shared))
 
 
 def decode_activation_elements(latent: torch.Tensor, spatial: int, temporal: int = 1, widest: int = 128) -> int:

@@ -15,8 +15,13 @@ from collections.abc import Sequence
 import torch
 
 from ..remote.presets import PRESETS, Preset, PresetError, get_preset
-from .app import check_model_name, create_app
-from .engine import ModelHost, resolve_device
+from .accel import Accel
+from .app import Settings, check_model_name, create_app
+from .auth import TOKEN_ENV, TokenError, load_token
+from .engine import EngineOptions, ModelHost, resolve_device
+from .limits import Limits
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 LOAD_HINT = "to serve a local copy, start the server with --model {spec}=/path/to/vae.safetensors (or a diffusers folder)"
@@ -52,11 +57,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the preset's safe dtype on GPU, float32 on CPU")
     parser.add_argument("--preload", action="store_true", help="load every model before serving instead of on first use")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    limits, defaults = parser.add_argument_group("limits"), Limits()
+    limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="pixels per image or frame (default 4096x4096)")
+    limits.add_argument("--max-frames", type=int, default=defaults.max_frames, help="frames per video (default %(default)s)")
+    limits.add_argument("--max-batch-pixels", type=int, default=defaults.max_batch_pixels, help="pixels of all images in one request")
+    limits.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes, help="request body size (default 512 MiB)")
+    limits.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency, help="requests running at once")
+    limits.add_argument("--max-queue", type=int, default=defaults.max_queue, help="requests waiting; beyond it: 503 + Retry-After")
+    limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout, help="seconds per request (504 after)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--token-file", help=f"file holding the bearer token clients must send (default: ${TOKEN_ENV}; none: no auth)")
+    security.add_argument("--cors-origin", action="append", default=[], help="allow browser requests from this origin (repeat)")
+    speed = parser.add_argument_group("throughput")
+    speed.add_argument("--batching", choices=("auto", "on", "off"), default="auto", help="batch same-shape requests (auto: on for CUDA)")
+    speed.add_argument("--batch-window", type=float, default=0.01, help="seconds a request waits for others to batch with")
+    speed.add_argument("--memory-budget", type=int, help="bytes a job may use (default: the device's free memory)")
+    speed.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA speed-up)")
+    speed.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolutions per shape")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the encoder/decoder (warm-up with --preload)")
     return parser
 
 
-def build_host(specs: Sequence[str], device: str, dtype: str) -> ModelHost:
-    host = ModelHost(load_hint=LOAD_HINT)
+def settings_from(args: argparse.Namespace) -> Settings:
+    limits = Limits(
+        max_pixels=args.max_pixels,
+        max_frames=args.max_frames,
+        max_batch_pixels=args.max_batch_pixels,
+        max_request_bytes=args.max_request_bytes,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
+    return Settings(limits=limits, token=load_token(args.token_file), cors_origins=tuple(args.cors_origin))
+
+
+def engine_options_from(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
+        batching={"auto": None, "on": True, "off": False}[args.batching],
+        batch_window=args.batch_window,
+        memory_budget=args.memory_budget,
+        accel=Accel(channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark, compile=args.compile),
+    )
+
+
+def build_host(specs: Sequence[str], device: str, dtype: str, options: EngineOptions | None = None) -> ModelHost:
+    host = ModelHost(load_hint=LOAD_HINT, options=options)
     models = [parse_model_spec(spec) for spec in specs] or [(p.name, p, None) for p in PRESETS.values()]
     for name, preset, source in models:
         host.add(name, preset, source=source, device=device, dtype=dtype)
@@ -74,12 +119,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if resolve_device(args.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
-        host = build_host(args.model, args.device, args.dtype)
-    except (PresetError, ValueError, RuntimeError) as exc:
+        settings = settings_from(args)
+        host = build_host(args.model, args.device, args.dtype, engine_options_from(args))
+    except (PresetError, ValueError, RuntimeError, TokenError) as exc:
         parser.error(str(exc))
     import uvicorn  # the server extra; imported late so --help works without it
 
-    app = create_app(host)
+    if args.host not in LOOPBACK and settings.token is None:
+        print(
+            f"remote-vae-server: WARNING: listening on {args.host} without a token: anyone who can reach this "
+            f"port can use the server; set ${TOKEN_ENV} or --token-file",
+            file=sys.stderr,
+            flush=True,
+        )
+    app = create_app(host, settings)
     if args.preload:
         host.preload()
     url = base_url(args.host, args.port)
@@ -89,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}")
     print(f"remote-vae-server: model list at {url}/v1/models", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish, then returns.
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.request_timeout)
+        )
     finally:
         host.close()
 

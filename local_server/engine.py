@@ -3,23 +3,29 @@
 Decode and encode are plain functions on tensors (`decode_latents`, `encode_pixels`); `ModelHost`
 only decides where and when they run: on a single-thread executor per device (so one device runs
 one job at a time and the event loop stays free to answer `/health`), with CPU-side conversions on
-a separate small pool. Batching, tiling, queue limits and metrics slot in around these functions.
+a separate small pool. Batching, tiling, memory planning and fallbacks wrap these functions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
 
 from ..remote.presets import Preset, PresetError, check_latent
-from ..remote.protocol import Scaling
+from ..remote.protocol import ProtocolError, Scaling
+from . import accel, memory, parity
+from .accel import Accel
+from .batcher import Batcher, decode_activation_elements
+from .tiling import run_tiled
 
 log = logging.getLogger("remote_vae.server")
 
@@ -39,6 +45,59 @@ class UnknownModel(LookupError):
 
 class ModelUnavailable(RuntimeError):
     """A hosted model that could not be loaded (HTTP 503); the message carries the loader's reason."""
+
+
+class OutOfMemory(RuntimeError):
+    """Even the smallest plan (one item, smallest tile) ran out of device memory (HTTP 507)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How jobs run. `batching=None` means on for CUDA devices and off on the CPU, where measurements
+    (bench/load.py) show no gain: a CPU decode is compute-bound at batch 1 already."""
+
+    batching: bool | None = None
+    batch_window: float = 0.01  # seconds a request waits for others to join its batch
+    batch_max_items: int = 8
+    memory_budget: int | None = None  # bytes one job may use; None: the device's free memory
+    accel: Accel = field(default_factory=Accel)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Our optional request parameters that change how a job runs (see each field)."""
+
+    mode: str = "auto"  # tile=auto|on|off
+    size: int | None = None  # tile_size in latent pixels
+    reference: str = "diffusers"  # whose implementation to match where they differ (parity.py)
+
+    @classmethod
+    def from_extensions(cls, extensions: dict[str, str]) -> JobOptions:
+        reference = parity.parse_reference(extensions.get("reference"))
+        mode = extensions.get("tile", "auto").strip().lower()
+        if mode not in ("auto", "on", "off"):
+            raise ProtocolError(f"tile={mode!r} is not one of auto, on, off")
+        size = extensions.get("tile_size")
+        if size is None:
+            return cls(mode, reference=reference)
+        try:
+            side = int(size)
+        except ValueError:
+            raise ProtocolError(f"tile_size={size!r} is not an integer (latent pixels per tile side)") from None
+        if not memory.MIN_TILE <= side <= 1024:
+            raise ProtocolError(f"tile_size={side} must be between {memory.MIN_TILE} and 1024 latent pixels")
+        return cls(mode, side, reference)
+
+
+@dataclass
+class JobStats:
+    """What happened to one job, for the request log and /metrics."""
+
+    queue: float = 0.0  # seconds waiting for the device worker
+    compute: float = 0.0  # seconds on the device
+    batch: int = 1  # items in the batch the job ran in
+    tiled: bool = False
+    fallbacks: list[str] = field(default_factory=list)  # "oom", "nan"
 
 
 def load_from_source(preset: Preset, source: str | None, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -195,8 +254,17 @@ class ModelHost:
     separate pool of `cpu_threads`.
     """
 
-    def __init__(self, *, loader: LoadFn = load_from_source, cpu_threads: int = 2, load_hint: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        loader: LoadFn = load_from_source,
+        cpu_threads: int = 2,
+        load_hint: str | None = None,
+        options: EngineOptions | None = None,
+    ) -> None:
         self._loader = loader
+        self.options = options or EngineOptions()
+        self._batcher: Batcher | None = None
         self._load_hint = load_hint  # appended to load failures; may use {name} and {spec} (name or alias:preset)
         self._models: dict[str, HostedModel] = {}
         self._workers: dict[str, ThreadPoolExecutor] = {}
@@ -218,7 +286,8 @@ class ModelHost:
         dev = resolve_device(device)
         hosted = HostedModel(name, preset, source, dev, resolve_dtype(dtype, preset, dev))
         if model is not None:
-            hosted.model = _placed(model, dev, hosted.dtype).eval().requires_grad_(False)
+            model = _placed(model, dev, hosted.dtype).eval().requires_grad_(False)
+            hosted.model = accel.apply(model, dev, self.options.accel, video=preset.is_video)
             hosted.state, hosted.source = LOADED, source or IN_PROCESS
         self._models[name] = hosted
         if str(dev) not in self._workers:
@@ -247,37 +316,157 @@ class ModelHost:
 
     # ---------------------------------------------------------------- running jobs
 
-    async def decode(self, name: str, latent: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype) -> torch.Tensor:
-        """Decode a validated latent on the model's device worker; the result is on the CPU in `out_dtype`."""
-        hosted = self.get(name)
-        return await self._on_device(hosted, self._decode_job, hosted, latent, scaling, out_dtype)
+    async def decode(
+        self,
+        name: str,
+        latent: torch.Tensor,
+        scaling: Scaling,
+        out_dtype: torch.dtype,
+        job: JobOptions = JobOptions(),
+    ) -> tuple[torch.Tensor, JobStats]:
+        """Decode a validated latent on the model's device worker; the result is on the CPU in `out_dtype`.
 
-    async def encode(self, name: str, pixels: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype) -> torch.Tensor:
+        Same-shape requests that arrive together are batched when batching is on (never tiled ones).
+        """
+        hosted = self.get(name)
+        if self._batching(hosted) and job.mode != "on":
+            key = (name, tuple(latent.shape[1:]), latent.dtype, _scaling_key(scaling), out_dtype, job)
+            return await self._batcher_for(hosted).submit(key, latent)
+        return await self._on_device(hosted, self._decode_job, hosted, latent, scaling, out_dtype, job)
+
+    async def encode(
+        self,
+        name: str,
+        pixels: torch.Tensor,
+        scaling: Scaling,
+        out_dtype: torch.dtype,
+        job: JobOptions = JobOptions(),
+    ) -> tuple[torch.Tensor, JobStats]:
         """Encode pixels in [-1,1] (NCHW, or [B,3,F,H,W] for video models) to latents on the CPU."""
         hosted = self.get(name)
-        return await self._on_device(hosted, self._encode_job, hosted, pixels, scaling, out_dtype)
+        return await self._on_device(hosted, self._encode_job, hosted, pixels, scaling, out_dtype, job)
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-bound conversions (image/video encoding, uint8) off the loop and off the device workers."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
+    def _batching(self, hosted: HostedModel) -> bool:
+        enabled = self.options.batching
+        return hosted.device.type == "cuda" if enabled is None else enabled
+
+    def _batcher_for(self, hosted: HostedModel) -> Batcher:
+        if self._batcher is None:
+
+            async def run(key: tuple, batch: torch.Tensor) -> tuple[torch.Tensor, JobStats]:
+                name, _shape, _dtype, scaling, out_dtype, job = key
+                model = self.get(name)
+                return await self._on_device(model, self._decode_job, model, batch, Scaling(*scaling), out_dtype, job)
+
+            preset = hosted.preset
+            self._batcher = Batcher(
+                run,
+                window=self.options.batch_window,
+                max_items=self.options.batch_max_items,
+                element_cost=lambda z: decode_activation_elements(z, preset.spatial_compression, preset.temporal_compression),
+            )
+        return self._batcher
+
     async def _on_device(self, hosted: HostedModel, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._workers[str(hosted.device)], fn, *args)
+        submitted = time.perf_counter()
+        return await asyncio.get_running_loop().run_in_executor(self._workers[str(hosted.device)], fn, submitted, *args)
 
-    def _decode_job(self, hosted: HostedModel, latent: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype) -> torch.Tensor:
+    def _decode_job(
+        self, submitted: float, hosted: HostedModel, latent: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype, job: JobOptions
+    ) -> tuple[torch.Tensor, JobStats]:
+        stats = JobStats(queue=time.perf_counter() - submitted, batch=latent.shape[0])
         model = self._ensure_loaded(hosted)
+        started = time.perf_counter()
         with torch.inference_mode():
-            z = to_vae_space(latent.to(hosted.device), scaling, model, hosted.preset).to(hosted.dtype)
-            x = decode_latents(model, z)
-            warn_if_not_finite(hosted.name, "decode", x)
-            return x.to(dtype=out_dtype).cpu()
+            z = to_vae_space(latent.to(hosted.device), scaling, model, hosted.preset)
+            x = self._run_checked(hosted, model, z, DECODE, job, stats)
+        stats.compute = time.perf_counter() - started
+        return x.to(dtype=out_dtype).cpu(), stats
 
-    def _encode_job(self, hosted: HostedModel, pixels: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype) -> torch.Tensor:
+    def _encode_job(
+        self, submitted: float, hosted: HostedModel, pixels: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype, job: JobOptions
+    ) -> tuple[torch.Tensor, JobStats]:
+        stats = JobStats(queue=time.perf_counter() - submitted, batch=pixels.shape[0])
         model = self._ensure_loaded(hosted)
+        started = time.perf_counter()
         with torch.inference_mode():
-            z = encode_pixels(model, pixels.to(device=hosted.device, dtype=hosted.dtype))
-            warn_if_not_finite(hosted.name, "encode", z)
-            return from_vae_space(z, scaling, model, hosted.preset).to(dtype=out_dtype).cpu()
+            z = self._run_checked(hosted, model, pixels.to(hosted.device), ENCODE, job, stats)
+            z = from_vae_space(z, scaling, model, hosted.preset)
+        stats.compute = time.perf_counter() - started
+        return z.to(dtype=out_dtype).cpu(), stats
+
+    def _run_checked(
+        self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, job: JobOptions, stats: JobStats
+    ) -> torch.Tensor:
+        """Run with the model's dtype; NaN/Inf in half precision gets one float32 retry (logged)."""
+        with parity.behaving_like(model, hosted.preset, job.reference):
+            return self._run_with_retry(hosted, model, x, op, job, stats)
+
+    def _run_with_retry(
+        self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, job: JobOptions, stats: JobStats
+    ) -> torch.Tensor:
+        out = self._run_planned(hosted, model, x.to(hosted.dtype), op, job, stats)
+        if bool(torch.isfinite(out).all()) or hosted.dtype == torch.float32:
+            if hosted.dtype == torch.float32:
+                warn_if_not_finite(hosted.name, op, out)
+            return out
+        log.warning("%s %s produced NaN/Inf in %s; retrying in float32", hosted.name, op, hosted.dtype)
+        stats.fallbacks.append("nan")
+        model.to(torch.float32)
+        try:
+            out = self._run_planned(hosted, model, x.float(), op, job, stats)
+        finally:
+            model.to(hosted.dtype)
+        warn_if_not_finite(hosted.name, op, out)
+        return out
+
+    def _run_planned(
+        self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, job: JobOptions, stats: JobStats
+    ) -> torch.Tensor:
+        """Whole, split by batch, or tiled, as memory allows; out of memory falls back to smaller plans."""
+        preset, spatial = hosted.preset, (x.shape[-2], x.shape[-1])
+        latent_spatial = spatial if op == DECODE else (spatial[0] // preset.spatial_compression, spatial[1] // preset.spatial_compression)
+        estimate = memory.decode_bytes if op == DECODE else memory.encode_bytes
+        per_item = estimate(preset, tuple(x.shape), x.dtype)
+        budget = self.options.memory_budget or memory.free_bytes(hosted.device)
+        plan = memory.plan(per_item, x.shape[0], latent_spatial, budget, tile=job.mode, tile_size=job.size)
+        fallbacks = [] if job.mode == "off" else memory.smaller_plans(plan, latent_spatial)
+        for attempt in itertools.chain([plan], fallbacks):
+            try:
+                out = self._run_plan(hosted, model, x, op, attempt)
+                stats.tiled = stats.tiled or attempt.tiled
+                return out
+            except torch.OutOfMemoryError:
+                log.warning("%s %s ran out of memory with %s; trying a smaller plan", hosted.name, op, attempt)
+                stats.fallbacks.append("oom")
+                if hosted.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        raise OutOfMemory(
+            f"{hosted.name} {op} of shape {list(x.shape)} does not fit in device memory even tiled at "
+            f"{memory.MIN_TILE} latent pixels; send smaller images or fewer frames"
+        )
+
+    def _run_plan(self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, plan: memory.Plan) -> torch.Tensor:
+        run = decode_latents if op == DECODE else encode_pixels
+        options = self.options.accel
+        spatial = hosted.preset.spatial_compression
+
+        def whole(t: torch.Tensor) -> torch.Tensor:
+            return run(model, accel.input_layout(t, options))
+
+        def tiled(t: torch.Tensor) -> torch.Tensor:
+            if hosted.preset.is_video:  # temporal + spatial tiling of causal video VAEs: diffusers' own
+                return _with_builtin_tiling(model, lambda: whole(t), plan.tile * spatial)
+            scale, tile, overlap = (spatial, plan.tile, plan.overlap) if op == DECODE else (1 / spatial, plan.tile * spatial, plan.overlap * spatial)
+            return run_tiled(whole, t, tile=tile, overlap=overlap, scale=scale).to(t.dtype)
+
+        step = tiled if plan.tiled else whole
+        chunks = [step(chunk) for chunk in x.split(plan.batch)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     # ---------------------------------------------------------------- loading
 
@@ -303,7 +492,8 @@ class ModelHost:
             with self._lock:
                 hosted.state, hosted.error = FAILED, message
             raise ModelUnavailable(message) from exc
-        hosted.model = model.eval().requires_grad_(False)
+        model = model.eval().requires_grad_(False)
+        hosted.model = accel.apply(model, hosted.device, self.options.accel, video=hosted.preset.is_video)
         with self._lock:
             hosted.state = LOADED
         log.info("model %s loaded on %s as %s", hosted.name, hosted.device, hosted.dtype)
@@ -335,3 +525,30 @@ def _placed(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 def _is_load_error(exc: Exception) -> bool:
     """The loader's own, expected failures (`ModelLoadError`) need no traceback in the log."""
     return type(exc).__name__ == "ModelLoadError"
+
+
+DECODE, ENCODE = "decode", "encode"
+
+
+def _scaling_key(scaling: Scaling) -> tuple:
+    return (scaling.scaling_factor, scaling.shift_factor, scaling.use_model_defaults)
+
+
+def _with_builtin_tiling(model: torch.nn.Module, fn: Callable[[], torch.Tensor], tile_pixels: int) -> torch.Tensor:
+    """Run `fn` with the model's own (diffusers) tiling on, at `tile_pixels` per side where settable."""
+    if not hasattr(model, "enable_tiling"):
+        return fn()
+    stride = max(8, tile_pixels * 3 // 4)  # a quarter of each tile overlaps its neighbour
+    try:
+        model.enable_tiling(
+            tile_sample_min_height=tile_pixels,
+            tile_sample_min_width=tile_pixels,
+            tile_sample_stride_height=stride,
+            tile_sample_stride_width=stride,
+        )
+    except TypeError:  # an older signature without sizes
+        model.enable_tiling()
+    try:
+        return fn()
+    finally:
+        model.disable_tiling()

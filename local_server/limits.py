@@ -28,9 +28,13 @@ class Limits:
     request_timeout: float = 600.0  # seconds a request may take end to end
 
     def check_body(self, length: int) -> None:
-        if length > self.max_request_bytes:
+        self.check_body_length(length, self.max_request_bytes)
+
+    @staticmethod
+    def check_body_length(length: int, limit: int) -> None:
+        if length > limit:
             raise LimitExceeded(
-                f"request body of {length} bytes exceeds the server's limit of {self.max_request_bytes} bytes "
+                f"request body of {length} bytes exceeds the server's limit of {limit} bytes "
                 "(--max-request-bytes); split the batch into several requests"
             )
 

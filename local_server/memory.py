@@ -23,11 +23,15 @@ class Plan:
 
     batch: int
     tile: int | None = None
-    overlap: int = 8
 
     @property
     def tiled(self) -> bool:
         return self.tile is not None
+
+    @property
+    def overlap(self) -> int:
+        """Latent pixels neighbouring tiles share: 8, or a quarter of a smaller tile."""
+        return min(8, (self.tile or 0) // 4)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -100,11 +104,11 @@ def smaller_plans(first: Plan, spatial: tuple[int, int]) -> Iterator[Plan]:
     current = first
     while True:
         if current.batch > 1:
-            current = Plan(batch=max(1, current.batch // 2), tile=current.tile, overlap=current.overlap)
+            current = Plan(batch=max(1, current.batch // 2), tile=current.tile)
         elif current.tile is None:
-            current = Plan(batch=1, tile=min(DEFAULT_TILE, max(spatial)), overlap=current.overlap)
+            current = Plan(batch=1, tile=min(DEFAULT_TILE, max(spatial)))
         elif current.tile > MIN_TILE:
-            current = Plan(batch=1, tile=max(MIN_TILE, current.tile // 2), overlap=min(current.overlap, current.tile // 8))
+            current = Plan(batch=1, tile=max(MIN_TILE, current.tile // 2))
         else:
             return
         yield current

@@ -25,20 +25,27 @@ class UnexpectedReply(ValueError):
 # --------------------------------------------------------------------------- decode
 
 
+# Our server's request extension: where ComfyUI's VAE code differs from diffusers' (HunyuanVideo's
+# mid-block attention), decode and encode like ComfyUI does. Other endpoints ignore it.
+COMFYUI = {"reference": "comfyui"}
+
+
 def decode_request(latent: torch.Tensor, transfer: str) -> protocol.WireRequest:
     """The request for one chunk of raw latents: scaling off, output form chosen by `transfer`."""
     if latent.dtype not in SEND_DTYPES:
         latent = latent.float()
     if transfer == "lossless":
         return protocol.build_decode_request(
-            latent, output_type="pt", partial_postprocess=True, do_scaling=False
+            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extra=COMFYUI
         )
     if transfer == "exact":
         return protocol.build_decode_request(
-            latent, output_type="pt", do_scaling=False, extra={"output_dtype": "float32"}
+            latent, output_type="pt", do_scaling=False, extra={"output_dtype": "float32", **COMFYUI}
         )
     if transfer == "compact":
-        return protocol.build_decode_request(latent, output_type="pil", image_format="jpg", do_scaling=False)
+        return protocol.build_decode_request(
+            latent, output_type="pil", image_format="jpg", do_scaling=False, extra=COMFYUI
+        )
     raise ValueError(f"transfer {transfer!r} is not one of lossless, exact, compact")
 
 
@@ -136,7 +143,7 @@ def encode_request(
             wire = wire.movedim(1, 0).unsqueeze(0)
     else:
         raise ValueError(f"transfer {transfer!r} is not one of lossless, exact")
-    return protocol.build_encode_request(wire)
+    return protocol.build_encode_request(wire, extra=COMFYUI)
 
 
 def _png(image: torch.Tensor) -> bytes:

@@ -215,7 +215,7 @@ def status_hint(status: int, token_sent: bool, token_env: str | None) -> str | N
         429: "the server is busy; retry later or send fewer requests at once",
         500: "the server failed while processing the request; its log says why",
         502: "a proxy in front of the server got no valid answer; the server may be down or restarting",
-        503: "the endpoint is down or scaled to zero; wait and retry, or pass cold_start_timeout=... "
+        503: "the endpoint is busy, down or scaled to zero; wait and retry, or pass cold_start_timeout=... "
         "to wait for it to scale up",
         504: "a proxy in front of the server timed out; the server may be overloaded, or raise its timeout",
     }

@@ -33,7 +33,7 @@ IMAGE_FORMATS = ("jpg", "png")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 # Our own optional query parameters (the HF endpoints ignore unknown ones).
-EXTENSION_PARAMS = ("output_dtype", "fps", "jpeg_quality", "tile", "tile_size")
+EXTENSION_PARAMS = ("output_dtype", "fps", "jpeg_quality", "tile", "tile_size", "reference")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8"

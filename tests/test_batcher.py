@@ -21,7 +21,7 @@ class Recorder:
         self.calls.append((key, tuple(batch.shape)))
         if self.fail:
             raise RuntimeError("device fell over")
-        return batch * 10
+        return batch * 10, len(self.calls)
 
 
 def test_same_key_requests_in_one_window_run_as_one_batch_in_order():
@@ -34,8 +34,8 @@ def test_same_key_requests_in_one_window_run_as_one_batch_in_order():
 
     outs = run(main())
     assert rec.calls == [("k", (4, 4, 2, 2))]
-    for t, out in zip(inputs, outs, strict=True):
-        assert torch.equal(out, t * 10)
+    for t, (out, shared) in zip(inputs, outs, strict=True):
+        assert torch.equal(out, t * 10) and shared == 1
 
 
 def test_different_keys_never_mix():
@@ -92,5 +92,5 @@ def test_element_budget_never_exceeds_the_kernel_limit():
 def test_a_lone_request_is_not_held_longer_than_the_window(window):
     rec = Recorder()
     batcher = Batcher(rec, window=window)
-    out = run(batcher.submit("k", torch.ones(1, 1)))
+    out, _ = run(batcher.submit("k", torch.ones(1, 1)))
     assert torch.equal(out, torch.full((1, 1), 10.0)) and len(rec.calls) == 1

@@ -429,7 +429,7 @@ def test_long_text_errors_are_truncated():
     [
         (404, "wrong URL or model name"),
         (413, "the request is too large for the server"),
-        (503, "the endpoint is down or scaled to zero"),
+        (503, "the endpoint is busy, down or scaled to zero"),
         (429, "the server is busy"),
         (418, None),
     ],

@@ -37,13 +37,9 @@ VIDEO_FRAMES = "video.png"  # 5 frames of 32x24: one video for the video VAEs
 LATENTS = {"hunyuan_video": "hunyuan.latent", "wan21": "wan21.latent"}
 
 # ComfyUI 0.3.75's HunyuanVideo VAE attends over all frames in its mid blocks; diffusers' (like the original
-# HunyuanVideo code) masks that attention causally in time. Our server runs diffusers, so on the same weights
-# the two disagree (measured max 0.14 on these random weights; 4.7e-6 once diffusers' mask is removed).
-# Strict xfail: the day the server matches ComfyUI here, these tests pass and must be switched back on.
-HUNYUAN_DIFFERS = pytest.mark.xfail(
-    strict=True, reason="ComfyUI's HunyuanVideo VAE uses non-causal mid-block attention, diffusers' is causal"
-)
-VIDEO_PRESETS = [pytest.param("hunyuan_video", marks=HUNYUAN_DIFFERS), "wan21"]
+# HunyuanVideo code) masks that attention causally in time: 0.14 apart on these random weights. Our nodes send
+# `reference=comfyui`, and the server then runs that attention unmasked (local_server/parity.py).
+VIDEO_PRESETS = ["hunyuan_video", "wan21"]
 
 # Max |remote - ComfyUI| (CPU, float32, ComfyUI 0.3.75's VAE code vs diffusers' on the same weights), measured:
 # decode exact 4.6e-6 (SD) / 1.4e-6 (Wan); encode 1.2e-5 (SD) / 3.6e-7 (Wan); lossless 0.577 / 255. Lossless is
@@ -320,8 +316,10 @@ def test_remote_video_encode_equals_vaeencode(comfy, vae_server, preset):
 
 @pytest.mark.parametrize("transfer", ["lossless", "exact"])
 def test_hunyuan_video_frames_are_the_servers_model_output(comfy, vae_server, base, transfer):
-    """What the node returns inside ComfyUI is exactly what diffusers decodes from the same file."""
+    """What the node returns inside ComfyUI is exactly what diffusers decodes from the same file, with the
+    mid-block attention unmasked as the node's `reference=comfyui` asks."""
     from remote_vae.local_server.loading import load_vae
+    from remote_vae.local_server.parity import behaving_like
     from remote_vae.remote.presets import PRESETS
 
     p = Prompt()
@@ -331,7 +329,7 @@ def test_hunyuan_video_frames_are_the_servers_model_output(comfy, vae_server, ba
     run_ok(comfy, p)
     model = load_vae(PRESETS["hunyuan_video"], str(base / "models" / "vae" / FILES["hunyuan_video"]))
     videos = load_file(str(base / "input" / LATENTS["hunyuan_video"]))["latent_tensor"]
-    with torch.no_grad():
+    with torch.no_grad(), behaving_like(model, PRESETS["hunyuan_video"], "comfyui"):
         decoded = [model.decode(videos[i : i + 1]).sample for i in range(len(videos))]
     expected = torch.cat(
         [torch.clamp((d + 1) / 2, 0, 1).movedim(1, -1).reshape(-1, 24, 32, 3) for d in decoded]

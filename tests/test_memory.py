@@ -43,3 +43,7 @@ def test_fallbacks_shrink_until_the_smallest_tile():
     assert steps[:3] == [Plan(batch=2), Plan(batch=1), Plan(batch=1, tile=64)]
     assert steps[-1].tile == MIN_TILE
     assert all(a != b for a, b in zip(steps, steps[1:]))
+
+
+def test_overlap_shrinks_with_the_tile():
+    assert Plan(batch=1, tile=64).overlap == 8 and Plan(batch=1, tile=16).overlap == 4 and Plan(batch=1).overlap == 0

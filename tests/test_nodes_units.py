@@ -173,6 +173,7 @@ def test_decode_requests_send_raw_latents_without_scaling():
     assert lossless.params == [
         ("image_format", "jpg"), ("output_type", "pt"), ("partial_postprocess", "True"),
         ("shape", "2"), ("shape", "4"), ("shape", "3"), ("shape", "5"), ("dtype", "float32"),
+        ("reference", "comfyui"),
     ]  # fmt: skip
     assert lossless.headers == {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
     assert lossless.body == protocol.tensor_to_bytes(latent)
@@ -183,6 +184,7 @@ def test_decode_requests_send_raw_latents_without_scaling():
     assert _params(compact)["output_type"] == ["pil"] and compact.headers["Accept"] == "image/jpeg"
     for wire in (lossless, compact):
         assert not {"scaling_factor", "shift_factor", "do_scaling"} & set(_params(wire))
+    assert exact["reference"] == ["comfyui"] and _params(compact)["reference"] == ["comfyui"]
     doubles = convert.decode_request(latent.double(), "exact")
     assert _params(doubles)["dtype"] == ["float32"]  # float64 is not on the wire: sent as float32
     with pytest.raises(ValueError, match="transfer 'png' is not one of"):

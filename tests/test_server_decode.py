@@ -222,7 +222,7 @@ def test_mp4_fps_extension_and_default(server):
 
 def test_unknown_parameters_are_ignored(server, models):
     z = latent(1, 4, 8, 8)
-    extra = [("input_tensor_type", "binary"), ("output_tensor_type", "binary"), ("foo", "bar"), ("tile", "maybe")] + F32
+    extra = [("input_tensor_type", "binary"), ("output_tensor_type", "binary"), ("foo", "bar"), ("tiles", "maybe")] + F32
     out = tensor_of(post_decode(server + "/sd15", z, output_type="pt", do_scaling=False, extra_params=extra))
     torch.testing.assert_close(out, raw_decode(models["sd15"], z), atol=1e-5, rtol=1e-5)
 
@@ -237,6 +237,9 @@ def test_bad_extension_values_are_refused(server):
         ("pil", [("jpeg_quality", "101")], "jpeg_quality=101 must be between 1 and 100"),
         ("pil", [("jpeg_quality", "0")], "jpeg_quality=0 must be at least 1"),
         ("pil", [("jpeg_quality", "high")], "jpeg_quality='high' is not an integer"),
+        ("pt", [("tile", "maybe")], "tile='maybe' is not one of auto, on, off"),
+        ("pt", [("tile", "on"), ("tile_size", "big")], "tile_size='big' is not an integer"),
+        ("pt", [("tile", "on"), ("tile_size", "4")], "tile_size=4 must be between 16 and 1024 latent pixels"),
     ]
     for output_type, params, message in cases:
         assert message in error_of(post_decode(server + "/sd15", z, output_type=output_type, do_scaling=False, extra_params=params), 400)
