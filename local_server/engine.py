@@ -403,7 +403,7 @@ class ModelHost:
         self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, job: JobOptions, stats: JobStats
     ) -> torch.Tensor:
         """Run with the model's dtype; NaN/Inf in half precision gets one float32 retry (logged)."""
-        with parity.behaving_like(model, hosted.preset, job.reference):
+        with parity.behaving_like(model, job.reference):
             return self._run_with_retry(hosted, model, x, op, job, stats)
 
     def _run_with_retry(

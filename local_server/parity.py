@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-from ..remote.presets import Preset
 from ..remote.protocol import ProtocolError
 
 REFERENCES = ("diffusers", "comfyui")
@@ -39,9 +38,9 @@ class _Unmasked:
 
 
 @contextlib.contextmanager
-def behaving_like(model: torch.nn.Module, preset: Preset, reference: str) -> Iterator[None]:
-    """Run the block with `model` behaving like `reference`'s implementation of it."""
-    if reference != "comfyui" or preset.diffusers_class not in UNMASKED_ATTENTION:
+def behaving_like(model: torch.nn.Module, reference: str) -> Iterator[None]:
+    """Run the block with `model` behaving like `reference`'s implementation of its class."""
+    if reference != "comfyui" or type(model).__name__ not in UNMASKED_ATTENTION:
         yield
         return
     attentions = [m for m in model.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]

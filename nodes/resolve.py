@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from ..remote.endpoints import split_endpoints
 from ..remote.presets import (
     PRESETS,
     Preset,
@@ -83,12 +84,15 @@ def endpoint_url(endpoint: str, preset: Preset | None, operation: str) -> str:
                 f"in `endpoint`, such as {SERVER_EXAMPLE.format(name)}"
             )
         return default
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise NodeInputError(
-            f"endpoint {url!r} is not an http(s) URL; enter one such as "
-            f"{SERVER_EXAMPLE.format(preset.name if preset else 'sd15')}"
-        )
+    # Several servers hosting the same model may be listed (commas or spaces): the client spreads
+    # requests over them and fails over when one is down.
+    for one in split_endpoints(url):
+        parts = urlsplit(one)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise NodeInputError(
+                f"endpoint {one!r} is not an http(s) URL; enter one such as "
+                f"{SERVER_EXAMPLE.format(preset.name if preset else 'sd15')} (several: separate them with commas)"
+            )
     return url
 
 

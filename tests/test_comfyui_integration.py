@@ -329,7 +329,7 @@ def test_hunyuan_video_frames_are_the_servers_model_output(comfy, vae_server, ba
     run_ok(comfy, p)
     model = load_vae(PRESETS["hunyuan_video"], str(base / "models" / "vae" / FILES["hunyuan_video"]))
     videos = load_file(str(base / "input" / LATENTS["hunyuan_video"]))["latent_tensor"]
-    with torch.no_grad(), behaving_like(model, PRESETS["hunyuan_video"], "comfyui"):
+    with torch.no_grad(), behaving_like(model, "comfyui"):
         decoded = [model.decode(videos[i : i + 1]).sample for i in range(len(videos))]
     expected = torch.cat(
         [torch.clamp((d + 1) / 2, 0, 1).movedim(1, -1).reshape(-1, 24, 32, 3) for d in decoded]

@@ -14,6 +14,7 @@ import pytest
 import stub_servers
 import torch
 
+from remote_vae.local_server.parity import behaving_like
 from remote_vae.nodes import operations
 from remote_vae.nodes.convert import crop_pixels
 from remote_vae.nodes.resolve import NodeInputError
@@ -28,15 +29,21 @@ LOSSLESS_ATOL = 0.63 / 255
 EXACT_ATOL = 1e-5
 
 
+# The nodes ask the server for ComfyUI's behaviour where it differs from diffusers' (local_server/parity.py),
+# so the references run the same way.
+
+
 @torch.no_grad()
 def reference_images(model, latent: torch.Tensor) -> torch.Tensor:
-    out = torch.clamp((model.decode(latent).sample + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+    with behaving_like(model, "comfyui"):
+        out = torch.clamp((model.decode(latent).sample + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
     return out.reshape(-1, *out.shape[-3:])
 
 
 @torch.no_grad()
 def reference_latent(model, pixels: torch.Tensor) -> torch.Tensor:
-    return model.encode(pixels.movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
+    with behaving_like(model, "comfyui"):
+        return model.encode(pixels.movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
 
 
 class DiffusersAsComfyVAE:
@@ -81,6 +88,15 @@ def test_decode_lossless_matches_vaedecode(server, models):
     assert images.shape == (2, 64, 48, 3) and images.dtype == torch.float32
     assert torch.equal(images, (images * 255).round() / 255)  # 8-bit values
     assert (images - reference_images(models["sd15"], samples)).abs().max() <= LOSSLESS_ATOL
+
+
+def test_decode_fails_over_to_the_next_of_several_endpoints(server, models):
+    from stub_servers import refused_url
+
+    samples = latent(1, 4, 8, 6, seed=5)
+    endpoints = f"{refused_url()}/sd15, {server}/sd15"
+    (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", endpoints, "exact", 300)
+    torch.testing.assert_close(images, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_decode_exact_matches_vaedecode(server, models):
@@ -223,7 +239,7 @@ def test_encode_video_frames_as_one_video(server, models, preset, transfer):
     frames = pixels(5, 16, 24, 3, seed=11)
     (result,) = RemoteVAEEncode().encode(frames, preset, f"{server}/{preset}", transfer, 300)
     video = frames.movedim(-1, 0).unsqueeze(0) * 2.0 - 1.0  # [1,3,F,H,W], as ComfyUI's VAE.encode does
-    with torch.no_grad():
+    with torch.no_grad(), behaving_like(models[preset], "comfyui"):
         expected = models[preset].encode(video).latent_dist.mode()
     assert result["samples"].shape == (1, 16, 2, 2, 3)
     torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)

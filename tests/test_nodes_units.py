@@ -146,9 +146,11 @@ def test_endpoint_url():
         resolve.endpoint_url("", PRESETS["hunyuan_video"], "encode")
     with pytest.raises(resolve.NodeInputError, match="preset sd15 has no public"):
         resolve.endpoint_url("", None, "encode")
-    for bad in ("ftp://h/sd15", "127.0.0.1:8190/sd15", "http://"):
+    for bad in ("ftp://h/sd15", "127.0.0.1:8190/sd15", "http://", "http://a:1/sd15, b:2/sd15"):
         with pytest.raises(resolve.NodeInputError, match="is not an http\\(s\\) URL"):
             resolve.endpoint_url(bad, sd15, "decode")
+    several = "http://a:8190/sd15, http://b:8190/sd15"
+    assert resolve.endpoint_url(several, sd15, "decode") == several
 
 
 def test_token_variable_is_a_name_never_a_token():
