@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import tiny_kl
 from diffusers import AutoencoderKL
 
 from remote_vae.remote import protocol
@@ -24,15 +25,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> tuple[AutoencoderKL, str]:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=4 * ["DownEncoderBlock2D"],
-        up_block_types=4 * ["UpDecoderBlock2D"],
-        norm_num_groups=8,
-        layers_per_block=1,
-        latent_channels=4,
-    ).eval()
+    vae = tiny_kl(4, seed=0)
     folder = tmp_path_factory.mktemp("ray") / "sd15-tiny"
     vae.save_pretrained(folder)
     return vae, str(folder)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_kl
 from diffusers import AutoencoderKL
 
 from remote_vae.local_server.tiling import run_tiled, tile_starts
@@ -41,15 +42,7 @@ def test_overlap_must_be_less_than_half_a_tile():
 
 @pytest.fixture(scope="module")
 def vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=4 * ["DownEncoderBlock2D"],
-        up_block_types=4 * ["UpDecoderBlock2D"],
-        norm_num_groups=8,
-        layers_per_block=1,
-        latent_channels=4,
-    ).eval()
+    return tiny_kl(4, seed=0)
 
 
 def test_seam_error_of_tiled_decode_is_bounded(vae):
