@@ -300,3 +300,34 @@ def test_reference_changes_nothing_for_models_without_a_difference(vae):
         plain = tensor_of(pt(url, latent))
         comfy = tensor_of(pt(url, latent, extra_params=[("reference", "comfyui")]))
     torch.testing.assert_close(plain, comfy, rtol=0, atol=0)
+
+
+def test_video_tiling_uses_the_models_own_tiles():
+    from conftest import tiny_wan
+
+    model = tiny_wan(seed=5)
+    latent = z(1, 16, 2, 12, 12, seed=6)
+    host = ModelHost()
+    host.add("wan21", PRESETS["wan21"], model=model, device="cpu", dtype="float32")
+    params = [("output_dtype", "float32")]
+    try:
+        with serve(create_app(host)) as url:
+            post = lambda extra: post_decode(url + "/wan21", latent, output_type="pt", do_scaling=False, extra_params=params + extra)  # noqa: E731
+            whole = tensor_of(post([]))
+            tiled = tensor_of(post([("tile", "on"), ("tile_size", "16")]))
+            metrics = requests.get(url + "/metrics", timeout=10).text
+    finally:
+        host.close()
+    assert tiled.shape == whole.shape == (1, 3, 5, 96, 96)
+    assert (tiled - whole).abs().mean() < 0.05
+    assert 'remote_vae_tiled_total{model="wan21"} 1' in metrics
+    assert not model.use_tiling  # switched off again after the tiled request
+
+
+def test_cors_only_when_configured(vae):
+    origin = {"Origin": "https://app.example"}
+    with hosting(vae) as url:
+        assert "access-control-allow-origin" not in requests.get(url + "/health", headers=origin, timeout=10).headers
+    with hosting(vae, Settings(cors_origins=["https://app.example"])) as url:
+        answer = requests.get(url + "/health", headers=origin, timeout=10)
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
