@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--token-file", help=f"file holding the bearer token clients must send (default: ${TOKEN_ENV}; none: no auth)")
     security.add_argument("--cors-origin", action="append", default=[], help="allow browser requests from this origin (repeat)")
     speed = parser.add_argument_group("throughput")
-    speed.add_argument("--batching", choices=("auto", "on", "off"), default="auto", help="batch same-shape requests (auto: on for CUDA)")
+    speed.add_argument("--batching", choices=("auto", "on", "off"), default="on", help="batch same-shape requests that arrive together (auto: on CUDA only)")
     speed.add_argument("--batch-window", type=float, default=0.01, help="seconds a request waits for others to batch with")
     speed.add_argument("--memory-budget", type=int, help="bytes a job may use (default: the device's free memory)")
     speed.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA speed-up)")
