@@ -1,7 +1,7 @@
 """Decode speed on a CUDA GPU with the server's speed-ups on and off: `python -m bench.gpu [--quick]`.
 
 SD VAE (full size) at 1024x1024 and HunyuanVideo's VAE (full size) at 61 frames of 320x512, random
-weights, in the dtype the server picks on a GPU: eager, channels_last, cudnn.benchmark, torch.compile, and
+weights, in the dtype the server picks on a GPU (float16 for both presets; `--dtype` to change it): eager, channels_last, cudnn.benchmark, torch.compile, and
 all three (applied by `local_server.accel`, exactly as the server applies them). Per variant: median decode
 time (CUDA-synchronised), images or frames per second, peak allocated memory, and the share of the GPU's
 dense bf16/fp16 peak that the executed FLOPs reach (the physical floor of shared/reference/performance.md
@@ -34,8 +34,9 @@ PEAKS = (
     ("RTX 4090", 165.2e12, 1.008e12),
 )
 DEVICE = "cuda"
-# Unfused memory traffic of the SD decoder at 1024^2 in fp16 (performance.md 4.2), for the bandwidth floor.
-SD_1024_TRAFFIC = 24.5e9
+# Memory traffic of the SD decoder at 1024^2 in fp16 with GroupNorm+SiLU fused into the convolutions
+# (performance.md 4.2; 24.5 GB unfused): the lowest traffic, so the bandwidth floor stays a floor.
+SD_1024_TRAFFIC = 9.7e9
 
 VARIANTS = {
     "eager": {},
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed decodes first (compile happens here)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--skip-video", action="store_true", help="only the SD VAE")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                        help="auto (default): what the server picks on a GPU, the preset's first safe dtype")
     parser.add_argument("--quick", action="store_true", help="smoke run: SD 512^2, 13 frames, eager and all three")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -150,7 +153,7 @@ def main() -> None:
     peak_flops, bandwidth = next(((f, b) for key, f, b in PEAKS if key in name), (None, None))
     table: list[str] = []
     for case in cases(args.quick)[: 1 if args.skip_video else 2]:
-        dtype = resolve_dtype(None, get_preset(case.preset), device)
+        dtype = resolve_dtype(args.dtype, get_preset(case.preset), device)
         base = case.build()
         eager = copy.deepcopy(base).to(device=device, dtype=dtype)
         flops = executed_flops(eager, torch.zeros(case.latent, device=device, dtype=dtype))

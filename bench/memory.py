@@ -90,15 +90,21 @@ def client_rows(size: int, threads: int) -> list[list]:
              f"{r['vae_params']:,}", f"{r['seconds']:.1f}"] for name, r in results]
 
 
-def server_has_tiling() -> bool:
+def reads_tile_parameter(url: str) -> bool:
+    """Whether the server understands `tile`: one that does refuses a bad value before decoding anything."""
+    from remote_vae.remote import client, protocol
+
+    wire = protocol.build_decode_request(torch.zeros(1, 4, 8, 8), output_type="pt", partial_postprocess=True,
+                                         do_scaling=False, extra={"tile": "sideways"})
     try:
-        from remote_vae.local_server.engine import TileRequest  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        client.send(url, wire, retries=0)
+    except client.RemoteVAEError as exc:
+        return exc.status == 400 and "tile" in str(exc)
+    return False
 
 
-def server_rows(big: int, threads: int) -> tuple[list[list], str]:
+def server_rows(big: int, threads: int) -> tuple[list[list], str] | None:
+    """Rows for tile=off and tile=on, a fresh server each; None when the server has no `tile` parameter."""
     from remote_vae.remote import client, protocol
 
     z = torch.randn(1, 4, big // 8, big // 8, generator=torch.Generator().manual_seed(0))
@@ -107,6 +113,8 @@ def server_rows(big: int, threads: int) -> tuple[list[list], str]:
         wire = protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False,
                                              extra={"tile": tile})
         with Server(["sd=sd15:sd-small"], threads=threads) as server:
+            if not reads_tile_parameter(f"{server.url}/sd"):
+                return None
             idle = server.peak_rss_mib()
             started = time.perf_counter()
             reply = client.send(f"{server.url}/sd", wire, retries=0, timeout=(10.0, 3600.0))
@@ -119,7 +127,7 @@ def server_rows(big: int, threads: int) -> tuple[list[list], str]:
     return rows, "the server's tile=on|off request parameter (fresh server per row; VmHWM of its process)"
 
 
-def direct_rows(big: int, threads: int) -> tuple[list[list], str]:
+def direct_rows(big: int, threads: int, why: str) -> tuple[list[list], str]:
     baseline = run_child("baseline", 8, threads)["peak_mib"]
     rows = []
     for mode in ("whole", "tiled"):
@@ -127,7 +135,7 @@ def direct_rows(big: int, threads: int) -> tuple[list[list], str]:
         rows.append([f"in a subprocess, {mode}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - baseline:+.0f}",
                      "yes" if mode == "tiled" else "no", f"{r['seconds']:.1f}"])
     return rows, (f"local_server.tiling.run_tiled (tile {TILE}, overlap {OVERLAP} latent px) vs a whole decode, each in a "
-                  "fresh subprocess (ru_maxrss); the server here has no tile parameter")
+                  f"fresh subprocess (ru_maxrss); {why}")
 
 
 def main() -> None:
@@ -150,8 +158,8 @@ def main() -> None:
     table = [f"**Client: one {args.size}x{args.size} decode, peak RSS of a fresh process**", ""]
     table += markdown_table(["process", "peak RSS MiB", "vs baseline MiB", "diffusers imported", "VAE parameters built",
                              "seconds"], client_rows(args.size, args.threads))
-    use_server = server_has_tiling() and not args.direct
-    rows, how = server_rows(args.big, args.threads) if use_server else direct_rows(args.big, args.threads)
+    found = None if args.direct else server_rows(args.big, args.threads)
+    rows, how = found or direct_rows(args.big, args.threads, "--direct given" if args.direct else "the server has no tile parameter")
     table += ["", f"**Server: one {args.big}x{args.big} decode, reduced-width SD VAE (sd-small), {how}**", ""]
     table += markdown_table(["run", "peak RSS MiB", "over idle MiB", "tiled", "seconds"], rows)
     notes = (

@@ -25,7 +25,7 @@ from PIL import Image
 
 from remote_vae.remote import client, protocol
 
-from .common import Server, default_threads, median, mib, record_as_module, revision
+from .common import Server, default_threads, median, metric_total, metrics, mib, record_as_module, revision
 from .models import build, comfy_decode
 from .results import markdown_table, record
 
@@ -45,13 +45,15 @@ class Row:
     server_cpu: float
     max_err: float
     psnr: float
+    render: float | None = None  # seconds the server spent converting the output (or encoding it here)
 
     def cells(self, fp16_bytes: int) -> list[object]:
+        render = "-" if self.render is None else f"{self.render * 1000:.0f}"
         if not self.received:  # the decode-alone row: no transfer, no error
-            return [self.name, self.where, "-", "-", "-", self.wall, "-", self.server_cpu, "-", "-"]
+            return [self.name, self.where, "-", "-", "-", self.wall, "-", self.server_cpu, render, "-", "-"]
         return [
             self.name, self.where, f"{mib(self.sent):.2f}", f"{mib(self.received):.2f}",
-            f"{self.received / fp16_bytes:.3f}", self.wall, self.client_cpu, self.server_cpu,
+            f"{self.received / fp16_bytes:.3f}", self.wall, self.client_cpu, self.server_cpu, render,
             f"{self.max_err:.3f}", "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}",
         ]
 
@@ -109,19 +111,21 @@ def encode_file(frame: np.ndarray, fmt: str) -> bytes:
 
 def in_process(name: str, fmt: str, uint8: np.ndarray, reference: torch.Tensor, latent_bytes: int, repeats: int) -> Row:
     """Encode every frame (counted as server CPU) and decode it again (client CPU), on this process."""
-    enc_cpu, dec_cpu, walls = [], [], []
+    enc_cpu, dec_cpu, walls, encode_walls = [], [], [], []
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         files = [encode_file(frame, fmt) for frame in uint8]
-        c1 = time.process_time()
+        c1, w1 = time.process_time(), time.perf_counter()
         pixels = torch.cat([from_image_file(f) for f in files])
-        c2, w1 = time.process_time(), time.perf_counter()
+        c2, w2 = time.process_time(), time.perf_counter()
         enc_cpu.append(c1 - c0)
         dec_cpu.append(c2 - c1)
-        walls.append(w1 - w0)
+        walls.append(w2 - w0)
+        encode_walls.append(w1 - w0)
     max_err, psnr = errors(pixels, reference)
     size = sum(len(f) for f in files)
-    return Row(name, "in-process", latent_bytes, size, median(walls), median(dec_cpu), median(enc_cpu), max_err, psnr)
+    return Row(name, "in-process", latent_bytes, size, median(walls), median(dec_cpu), median(enc_cpu), max_err, psnr,
+               median(encode_walls))
 
 
 # --------------------------------------------------------------------------- through the server
@@ -137,6 +141,7 @@ def over_http(
     repeats: int,
 ) -> Row:
     walls, client_cpu, server_cpu = [], [], []
+    before = metrics(server.url)
     for _ in range(repeats):
         s0, c0, w0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
         reply = client.send(url, wire, retries=0, timeout=(10.0, 900.0))
@@ -145,9 +150,12 @@ def over_http(
         walls.append(w1 - w0)
         client_cpu.append(c1 - c0)
         server_cpu.append(s1 - s0)
+    after = metrics(server.url)
+    count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(before, "remote_vae_request_seconds_count")
+    spent = metric_total(after, "remote_vae_encode_seconds_sum") - metric_total(before, "remote_vae_encode_seconds_sum")
     max_err, psnr = errors(pixels, reference)
     return Row(name, "server", len(wire.body), len(reply.body), median(walls), median(client_cpu), median(server_cpu),
-               max_err, psnr)
+               max_err, psnr, spent / count if after is not None and count > 0 else None)
 
 
 def decode_alone(model: torch.nn.Module, z: torch.Tensor, repeats: int) -> Row:
@@ -160,7 +168,7 @@ def decode_alone(model: torch.nn.Module, z: torch.Tensor, repeats: int) -> Row:
             model.decode(z)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
-    return Row("decode alone (no transfer)", "in-process", 0, 0, median(walls), 0.0, median(cpus), 0.0, math.inf)
+    return Row("decode alone (no transfer)", "in-process", 0, 0, median(walls), 0.0, median(cpus), 0.0, math.inf, None)
 
 
 def measure(server: Server, url: str, model: torch.nn.Module, z: torch.Tensor, video: bool, repeats: int) -> list[Row]:
@@ -228,7 +236,7 @@ def main() -> None:
         video_rows = measure(server, f"{server.url}/hv", video_model, video_z, video=True, repeats=repeats)
 
     header = ["format", "where", "sent MiB", "received MiB", "received / float16", "wall s", "client CPU s",
-              "server CPU s", "max err 0..255", "PSNR dB"]
+              "server CPU s", "server render ms", "max err 0..255", "PSNR dB"]
     table = [f"**Image: {sd_shape[2] * 8}x{sd_shape[3] * 8}, SD VAE (sd-small), latent {list(sd_shape)} float32**", ""]
     fp16 = next(r for r in image_rows if r.name.startswith("float16")).received
     table += markdown_table(header, [r.cells(fp16) for r in image_rows])
@@ -242,7 +250,8 @@ def main() -> None:
     notes = (
         f"{args.threads} torch threads in both processes, median of {repeats} requests per row. Server CPU is the server "
         "process's user+system time across the request (10 ms resolution) and includes the decode; the 'decode alone' "
-        "row is that decode's cost in this process. 'in-process' rows: the server does not offer the format for this "
+        "row is that decode's cost in this process. Server render is the format's own cost: the server's "
+        "remote_vae_encode_seconds per request from /metrics (output conversion and encoding, after the decode). 'in-process' rows: the server does not offer the format for this "
         "output, so the uint8 pixels are encoded (counted as server CPU) and decoded (client CPU) here. Errors are "
         "against a float32 ComfyUI-style decode of the same weights; the content is random-weight decoder output "
         "(image) and a smooth stand-in (video, see bench/models.py), so lossy-format errors are indicative only."
