@@ -54,8 +54,8 @@ class OutOfMemory(RuntimeError):
 @dataclass(frozen=True)
 class EngineOptions:
     """How jobs run. Batching is on by default, on the CPU too: with 2 to 8 concurrent clients it
-    raised throughput 1.6-1.8x on a 2-core CPU, for ~12% more latency with one client alone
-    (bench/load.py, bench/RESULTS.md). `batching=None` means on for CUDA devices only."""
+    raised throughput 1.4-3.1x over one client on a 2-core CPU (without it: 1.1-1.3x), for ~12% more
+    latency with one client alone (bench/load.py, bench/RESULTS.md). `batching=None`: CUDA only."""
 
     batching: bool | None = True
     batch_window: float = 0.01  # seconds a request waits for others to join its batch
