@@ -287,7 +287,7 @@ class ModelHost:
         dev = resolve_device(device)
         hosted = HostedModel(name, preset, source, dev, resolve_dtype(dtype, preset, dev))
         if model is not None:
-            model = _placed(model, dev, hosted.dtype).eval().requires_grad_(False)
+            model = _placed(model, dev, hosted.dtype).train(False).requires_grad_(False)
             hosted.model = accel.apply(model, dev, self.options.accel, video=preset.is_video)
             hosted.state, hosted.source = LOADED, source or IN_PROCESS
         self._models[name] = hosted
@@ -492,7 +492,7 @@ class ModelHost:
             with self._lock:
                 hosted.state, hosted.error = FAILED, message
             raise ModelUnavailable(message) from exc
-        model = model.eval().requires_grad_(False)
+        model = model.train(False).requires_grad_(False)
         hosted.model = accel.apply(model, hosted.device, self.options.accel, video=hosted.preset.is_video)
         if self.options.accel.compile:
             _warm_up(hosted.name, hosted.model, hosted.preset, hosted.device, hosted.dtype)

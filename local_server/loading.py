@@ -122,9 +122,9 @@ def _file_source(path: Path) -> Source:
     if suffix in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"{path.name} is a pickle checkpoint ({suffix}); unpickling can run arbitrary code, so the server "
-            f"only reads safetensors. Convert it once on a trusted machine, e.g. "
-            f"`safetensors.torch.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')`"
-            f" (take the 'state_dict' entry if there is one), or use a diffusers folder"
+            f"only reads safetensors. Convert it once on a trusted machine: load it with torch's weights_only "
+            f"loader and write the state dict (its 'state_dict' entry if there is one) with "
+            f"safetensors.torch.save_file to {path.stem}.safetensors, or use a diffusers folder"
         )
     if suffix not in SAFETENSORS_SUFFIXES:
         raise ModelLoadError(
@@ -167,7 +167,7 @@ def load_vae(
     _check_channels(preset, _latent_channels(model.config), str(where))
     # torch's own `to`: diffusers' override warns about fp32-only modules on every cast, even when there are none.
     torch.nn.Module.to(model, device=device, dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return model.train(False).requires_grad_(False)
 
 
 def _vae_class(preset: Preset) -> type:
