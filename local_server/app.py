@@ -272,7 +272,8 @@ def operation_for(content_type: str | None) -> str:
 
 
 async def _decode(host: ModelHost, limits: Limits, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
-    req = protocol.parse_decode_request(request.query_params.multi_items(), request.headers, body)
+    # Parsing copies the body and scans it for NaN: CPU work for the pool, not the event loop.
+    req = await host.run_cpu(protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body)
     ex.shape = list(req.tensor.shape)
     try:
         latent = prepare_latent(hosted.preset, req.tensor, req.height, req.width)
@@ -292,7 +293,7 @@ async def _decode(host: ModelHost, limits: Limits, hosted: HostedModel, request:
 
 
 async def _encode(host: ModelHost, limits: Limits, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
-    req = protocol.parse_encode_request(request.query_params.multi_items(), request.headers, body)
+    req = await host.run_cpu(protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body)
     out_dtype = postprocess.output_dtype(req.extensions, default=protocol.DTYPES["float32"])
     job = JobOptions.from_extensions(req.extensions)
     pixels = await host.run_cpu(postprocess.encoder_input, req, hosted.preset)

@@ -378,26 +378,29 @@ class ModelHost:
     def _decode_job(
         self, submitted: float, hosted: HostedModel, latent: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype, job: JobOptions
     ) -> tuple[torch.Tensor, JobStats]:
-        stats = JobStats(queue=time.perf_counter() - submitted, batch=latent.shape[0])
-        model = self._ensure_loaded(hosted)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            z = to_vae_space(latent.to(hosted.device), scaling, model, hosted.preset)
-            x = self._run_checked(hosted, model, z, DECODE, job, stats)
-        stats.compute = time.perf_counter() - started
-        return x.to(dtype=out_dtype).cpu(), stats
+        return self._job(submitted, hosted, DECODE, latent, scaling, out_dtype, job)
 
     def _encode_job(
         self, submitted: float, hosted: HostedModel, pixels: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype, job: JobOptions
     ) -> tuple[torch.Tensor, JobStats]:
-        stats = JobStats(queue=time.perf_counter() - submitted, batch=pixels.shape[0])
+        return self._job(submitted, hosted, ENCODE, pixels, scaling, out_dtype, job)
+
+    def _job(
+        self, submitted: float, hosted: HostedModel, op: str, x: torch.Tensor, scaling: Scaling, out_dtype: torch.dtype, job: JobOptions
+    ) -> tuple[torch.Tensor, JobStats]:
+        """One decode or encode on the device worker: scaling applied on the latent side, timed."""
+        stats = JobStats(queue=time.perf_counter() - submitted, batch=x.shape[0])
         model = self._ensure_loaded(hosted)
         started = time.perf_counter()
         with torch.inference_mode():
-            z = self._run_checked(hosted, model, pixels.to(hosted.device), ENCODE, job, stats)
-            z = from_vae_space(z, scaling, model, hosted.preset)
+            x = x.to(hosted.device)
+            if op == DECODE:
+                x = to_vae_space(x, scaling, model, hosted.preset)
+            out = self._run_checked(hosted, model, x, op, job, stats)
+            if op == ENCODE:
+                out = from_vae_space(out, scaling, model, hosted.preset)
         stats.compute = time.perf_counter() - started
-        return z.to(dtype=out_dtype).cpu(), stats
+        return out.to(dtype=out_dtype).cpu(), stats
 
     def _run_checked(
         self, hosted: HostedModel, model: torch.nn.Module, x: torch.Tensor, op: str, job: JobOptions, stats: JobStats
