@@ -24,9 +24,9 @@ def z(*shape, seed=0):
 
 
 @contextlib.contextmanager
-def hosting(model, settings=None, options=None, dtype="float32"):
+def hosting(model, settings=None, options=None, dtype="float32", preset="sd15"):
     host = ModelHost(options=options)
-    host.add("sd15", PRESETS["sd15"], model=model, device="cpu", dtype=dtype)
+    host.add(preset, PRESETS[preset], model=model, device="cpu", dtype=dtype)
     try:
         with serve(create_app(host, settings)) as url:
             yield url
@@ -56,9 +56,9 @@ class Wrapped(torch.nn.Module):
         return self.inner.encode(x)
 
 
-def pt(url, latent, extra_params=(), **kw):
+def pt(url, latent, extra_params=(), model="sd15", **kw):
     params = [("output_dtype", "float32"), *extra_params]
-    return post_decode(url + "/sd15", latent, output_type="pt", do_scaling=False, extra_params=params, **kw)
+    return post_decode(f"{url}/{model}", latent, output_type="pt", do_scaling=False, extra_params=params, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -272,17 +272,11 @@ def test_reference_comfyui_unmasks_hunyuan_video_attention_only_when_asked():
 
     model = tiny_hunyuan(seed=4)
     latent = z(1, 16, 3, 4, 4, seed=9)
-    host = ModelHost()
-    host.add("hunyuan_video", PRESETS["hunyuan_video"], model=model, device="cpu", dtype="float32")
-    params = [("output_dtype", "float32")]
-    try:
-        with serve(create_app(host)) as url:
-            post = lambda extra: post_decode(url + "/hunyuan_video", latent, output_type="pt", do_scaling=False, extra_params=params + extra)  # noqa: E731
-            default = tensor_of(post([]))
-            comfy = tensor_of(post([("reference", "comfyui")]))
-            assert "reference='blender' is not one of diffusers, comfyui" in error_of(post([("reference", "blender")]), 400)
-    finally:
-        host.close()
+    with hosting(model, preset="hunyuan_video") as url:
+        default = tensor_of(pt(url, latent, model="hunyuan_video"))
+        comfy = tensor_of(pt(url, latent, [("reference", "comfyui")], model="hunyuan_video"))
+        refused = pt(url, latent, [("reference", "blender")], model="hunyuan_video")
+        assert "reference='blender' is not one of diffusers, comfyui" in error_of(refused, 400)
     with torch.inference_mode():
         masked = model.decode(latent).sample
         with behaving_like(model, "comfyui"):
@@ -307,17 +301,10 @@ def test_video_tiling_uses_the_models_own_tiles():
 
     model = tiny_wan(seed=5)
     latent = z(1, 16, 2, 24, 24, seed=6)  # 192 pixels a side: several 128-pixel tiles
-    host = ModelHost()
-    host.add("wan21", PRESETS["wan21"], model=model, device="cpu", dtype="float32")
-    params = [("output_dtype", "float32")]
-    try:
-        with serve(create_app(host)) as url:
-            post = lambda extra: post_decode(url + "/wan21", latent, output_type="pt", do_scaling=False, extra_params=params + extra)  # noqa: E731
-            whole = tensor_of(post([]))
-            tiled = tensor_of(post([("tile", "on"), ("tile_size", "16")]))
-            metrics = requests.get(url + "/metrics", timeout=10).text
-    finally:
-        host.close()
+    with hosting(model, preset="wan21") as url:
+        whole = tensor_of(pt(url, latent, model="wan21"))
+        tiled = tensor_of(pt(url, latent, [("tile", "on"), ("tile_size", "16")], model="wan21"))
+        metrics = requests.get(url + "/metrics", timeout=10).text
     assert tiled.shape == whole.shape == (1, 3, 5, 192, 192)
     assert not torch.equal(tiled, whole) and (tiled - whole).abs().mean() < 0.05
     assert 'remote_vae_tiled_total{model="wan21"} 1' in metrics
