@@ -95,7 +95,7 @@ def reads_tile_parameter(url: str) -> bool:
     from remote_vae.remote import client, protocol
 
     wire = protocol.build_decode_request(torch.zeros(1, 4, 8, 8), output_type="pt", partial_postprocess=True,
-                                         do_scaling=False, extra={"tile": "sideways"})
+                                         do_scaling=False, extensions=protocol.Extensions(tile="sideways"))
     try:
         client.send(url, wire, retries=0)
     except client.RemoteVAEError as exc:
@@ -111,7 +111,7 @@ def server_rows(big: int, threads: int) -> tuple[list[list], str] | None:
     rows = []
     for tile in ("off", "on"):
         wire = protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False,
-                                             extra={"tile": tile})
+                                             extensions=protocol.Extensions(tile=tile))
         with Server(["sd=sd15:sd-small"], threads=threads) as server:
             if not reads_tile_parameter(f"{server.url}/sd"):
                 return None

@@ -183,7 +183,7 @@ def measure(server: Server, url: str, model: torch.nn.Module, z: torch.Tensor, v
         decode_alone(model, z, repeats),
         over_http("float16 raw (the HFRemoteVae peer's request)", server, url, raw16, from_raw, reference, repeats),
         over_http("float32 raw (output_dtype=float32; transfer exact)", server, url,
-                  protocol.build_decode_request(z, output_type="pt", do_scaling=False, extra={"output_dtype": "float32"}),
+                  protocol.build_decode_request(z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")),
                   from_raw, reference, repeats),
         over_http("uint8 raw (partial_postprocess; transfer lossless, our default)", server, url,
                   protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False),
@@ -202,7 +202,7 @@ def measure(server: Server, url: str, model: torch.nn.Module, z: torch.Tensor, v
                               lambda r: from_image_file(r.body), reference, repeats))
         rows.append(over_http(f"JPEG q{JPEG_QUALITY} 4:4:4 (pil/jpg, jpeg_quality; transfer compact)", server, url,
                               protocol.build_decode_request(z, output_type="pil", do_scaling=False,
-                                                            extra={"jpeg_quality": JPEG_QUALITY}),
+                                                            extensions=protocol.Extensions(jpeg_quality=JPEG_QUALITY)),
                               lambda r: from_image_file(r.body), reference, repeats))
         rows.append(in_process("WebP lossless m0", "webp", uint8, reference, latent_bytes, repeats))
     print(f"{'video' if video else 'image'}: {frames} x {height}x{width} done", flush=True)

@@ -44,7 +44,6 @@ from .metrics import Registry, server_registry
 log = logging.getLogger("remote_vae.server")
 
 DECODE, ENCODE = "decode", "encode"
-DECODE_TYPES = (protocol.TENSOR_TYPE, "application/octet-stream")
 # Path words a hosted model may not be called, or its routes would shadow ours.
 RESERVED_NAMES = frozenset({"predict", "health", "v1", "metrics", "decode", "encode", "docs"})
 
@@ -235,7 +234,7 @@ async def _answer(host: ModelHost, settings: Settings, request: Request, op: str
     """Run one request and turn every failure into the right status with a JSON body."""
     try:
         hosted = host.get(request.path_params.get("model") or host.default_name)
-        op = op or operation_for(request.headers.get("content-type"))
+        op = op or protocol.operation_for(request.headers.get("content-type"))
         ex.model, ex.op = hosted.name, op
         body = await read_body(request, settings.limits.max_request_bytes)
         ex.bytes_in = len(body)
@@ -256,19 +255,6 @@ async def _answer(host: ModelHost, settings: Settings, request: Request, op: str
     except Exception as exc:  # a server fault: log it whole, answer briefly, keep serving
         log.exception("request to %s failed", request.url.path)
         return _error(500, f"internal server error: {type(exc).__name__}: {str(exc)[:300]}")
-
-
-def operation_for(content_type: str | None) -> str:
-    """diffusers sends decodes as `tensor/binary` and encodes with no Content-Type at all."""
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media in DECODE_TYPES:
-        return DECODE
-    if not media or media.startswith("image/"):
-        return ENCODE
-    raise ProtocolError(
-        f"Content-Type {media!r} is not supported: send {protocol.TENSOR_TYPE} latents to decode, "
-        "or an image (no Content-Type, or image/png|jpeg) to encode"
-    )
 
 
 async def _decode(host: ModelHost, limits: Limits, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
@@ -294,7 +280,7 @@ async def _decode(host: ModelHost, limits: Limits, hosted: HostedModel, request:
 
 async def _encode(host: ModelHost, limits: Limits, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
     req = await host.run_cpu(protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body)
-    out_dtype = postprocess.output_dtype(req.extensions, default=protocol.DTYPES["float32"])
+    out_dtype = req.extensions.torch_output_dtype(protocol.DTYPES["float32"])
     job = JobOptions.from_extensions(req.extensions)
     pixels = await host.run_cpu(postprocess.encoder_input, req, hosted.preset)
     ex.shape = list(pixels.shape)

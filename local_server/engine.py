@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from ..remote.presets import Preset, PresetError, check_latent
-from ..remote.protocol import ProtocolError, Scaling
+from ..remote.protocol import Extensions, Reference, Scaling, TileMode
 from . import accel, memory, parity
 from .accel import Accel
 from .batcher import Batcher, decode_activation_elements
@@ -68,26 +68,13 @@ class EngineOptions:
 class JobOptions:
     """Our optional request parameters that change how a job runs (see each field)."""
 
-    mode: str = "auto"  # tile=auto|on|off
+    mode: TileMode = "auto"
     size: int | None = None  # tile_size in latent pixels
-    reference: str = "diffusers"  # whose implementation to match where they differ (parity.py)
+    reference: Reference = "diffusers"  # whose implementation to match where they differ (parity.py)
 
     @classmethod
-    def from_extensions(cls, extensions: dict[str, str]) -> JobOptions:
-        reference = parity.parse_reference(extensions.get("reference"))
-        mode = extensions.get("tile", "auto").strip().lower()
-        if mode not in ("auto", "on", "off"):
-            raise ProtocolError(f"tile={mode!r} is not one of auto, on, off")
-        size = extensions.get("tile_size")
-        if size is None:
-            return cls(mode, reference=reference)
-        try:
-            side = int(size)
-        except ValueError:
-            raise ProtocolError(f"tile_size={size!r} is not an integer (latent pixels per tile side)") from None
-        if not memory.MIN_TILE <= side <= 1024:
-            raise ProtocolError(f"tile_size={side} must be between {memory.MIN_TILE} and 1024 latent pixels")
-        return cls(mode, side, reference)
+    def from_extensions(cls, extensions: Extensions) -> JobOptions:
+        return cls(extensions.tile, extensions.tile_size, extensions.reference)
 
 
 @dataclass

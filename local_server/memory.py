@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ..remote.presets import Preset
+from ..remote.protocol import MIN_TILE_SIZE
 
-MIN_TILE = 16  # latent pixels; below this tiles cost more in overlap than they save
+MIN_TILE = MIN_TILE_SIZE  # latent pixels (the smallest tile the wire accepts)
 DEFAULT_TILE = 64  # latent pixels (512 image pixels for 8x models)
 
 

@@ -14,17 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..remote.protocol import ProtocolError
-
-REFERENCES = ("diffusers", "comfyui")
 UNMASKED_ATTENTION = frozenset({"AutoencoderKLHunyuanVideo"})
-
-
-def parse_reference(value: str | None) -> str:
-    reference = (value or "diffusers").strip().lower()
-    if reference not in REFERENCES:
-        raise ProtocolError(f"reference={value!r} is not one of {', '.join(REFERENCES)}")
-    return reference
 
 
 class _Unmasked:

@@ -24,7 +24,6 @@ DEFAULT_JPEG_QUALITY = 95
 # At high quality keep chroma at full resolution (4:4:4): VAE output has fine colour detail that 4:2:0
 # smears (~24 dB instead of ~36 dB PSNR at q95 on our test images) for ~1.5x the encode time.
 FULL_CHROMA_FROM_QUALITY = 90
-MAX_FPS = 240
 
 TENSOR, UINT8, UNIT, IMAGE, MP4 = "tensor", "uint8", "unit", "image", "mp4"
 
@@ -49,32 +48,17 @@ class OutputSpec:
         return self.dtype if self.kind in (TENSOR, UNIT) else torch.float16
 
 
-def output_dtype(request_extensions: dict[str, str], default: torch.dtype) -> torch.dtype:
-    """Our optional `output_dtype` parameter (float16, bfloat16 or float32)."""
-    name = request_extensions.get("output_dtype")
-    if name is None:
-        return default
-    if name not in protocol.FLOAT_DTYPES:
-        raise ProtocolError(f"output_dtype={name!r} is not one of {', '.join(protocol.FLOAT_DTYPES)}")
-    return protocol.parse_dtype(name)
-
-
 def choose_output(req: DecodeRequest, preset: Preset) -> OutputSpec:
     """Map output_type / partial_postprocess / Accept (and our extensions) to an OutputSpec."""
     ext = req.extensions
-    dtype = output_dtype(ext, torch.float16)
+    dtype = ext.torch_output_dtype(torch.float16)
     if req.output_type == "pt":
         return OutputSpec(UINT8 if req.partial_postprocess else TENSOR, dtype=dtype)
     if req.output_type == "mp4":
-        fps = protocol.parse_int(ext.get("fps"), "fps") or preset.fps
-        if fps > MAX_FPS:
-            raise ProtocolError(f"fps={fps} is above the maximum of {MAX_FPS}")
-        return OutputSpec(MP4, fps=fps)
+        return OutputSpec(MP4, fps=ext.fps or preset.fps)
     if req.accept == protocol.TENSOR_TYPE:  # diffusers' "processor as a flag" path
         return OutputSpec(UNIT, dtype=dtype)
-    quality = protocol.parse_int(ext.get("jpeg_quality"), "jpeg_quality") or DEFAULT_JPEG_QUALITY
-    if quality > 100:
-        raise ProtocolError(f"jpeg_quality={quality} must be between 1 and 100")
+    quality = ext.jpeg_quality or DEFAULT_JPEG_QUALITY
     if req.accept == protocol.PNG_TYPE:
         fmt = "png"
     elif req.accept == protocol.JPEG_TYPE:

@@ -27,7 +27,7 @@ class UnexpectedReply(ValueError):
 
 # Our server's request extension: where ComfyUI's VAE code differs from diffusers' (HunyuanVideo's
 # mid-block attention), decode and encode like ComfyUI does. Other endpoints ignore it.
-COMFYUI = {"reference": "comfyui"}
+COMFYUI = protocol.Extensions(reference="comfyui")
 
 
 def decode_request(latent: torch.Tensor, transfer: str) -> protocol.WireRequest:
@@ -36,15 +36,15 @@ def decode_request(latent: torch.Tensor, transfer: str) -> protocol.WireRequest:
         latent = latent.float()
     if transfer == "lossless":
         return protocol.build_decode_request(
-            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extra=COMFYUI
+            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extensions=COMFYUI
         )
     if transfer == "exact":
         return protocol.build_decode_request(
-            latent, output_type="pt", do_scaling=False, extra={"output_dtype": "float32", **COMFYUI}
+            latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32", reference="comfyui")
         )
     if transfer == "compact":
         return protocol.build_decode_request(
-            latent, output_type="pil", image_format="jpg", do_scaling=False, extra=COMFYUI
+            latent, output_type="pil", image_format="jpg", do_scaling=False, extensions=COMFYUI
         )
     raise ValueError(f"transfer {transfer!r} is not one of lossless, exact, compact")
 
@@ -143,7 +143,7 @@ def encode_request(
             wire = wire.movedim(1, 0).unsqueeze(0)
     else:
         raise ValueError(f"transfer {transfer!r} is not one of lossless, exact")
-    return protocol.build_encode_request(wire, extra=COMFYUI)
+    return protocol.build_encode_request(wire, extensions=COMFYUI)
 
 
 def _png(image: torch.Tensor) -> bytes:

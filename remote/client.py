@@ -746,7 +746,7 @@ def remote_decode(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     session: requests.Session | None = None,
-    extra_params: Mapping[str, object] | None = None,
+    extensions: protocol.Extensions | None = None,
     expected_shape: Sequence[int | None] | None = None,
 ) -> Image.Image | list[Image.Image] | bytes | torch.Tensor:
     """Decode latents on a remote VAE; a drop-in for `diffusers.utils.remote_utils.remote_decode`.
@@ -780,7 +780,7 @@ def remote_decode(
 
     Keyword-only options: `timeout` (connect, read) seconds, `retries`/`backoff`, bearer `token`
     (else the env var named by `token_env`), `cold_start_timeout` (sent as X-Scale-Up-Timeout),
-    `progress`, `cancel`, `session` (see `send`), `extra_params` (our optional query parameters,
+    `progress`, `cancel`, `session` (see `send`), `extensions` (our optional query parameters,
     appended after diffusers' ones) and `expected_shape` (checked against a tensor response;
     None or -1 entries match anything). Every failure raises RemoteVAEError.
     """
@@ -798,7 +798,7 @@ def remote_decode(
         height=height,
         width=width,
         processor_flag=processor is not None,
-        extra=extra_params,
+        extensions=extensions,
     )
     reply = send(
         endpoint,
@@ -850,7 +850,7 @@ def remote_encode(
     progress: Progress | None = None,
     cancel: Cancel | None = None,
     session: requests.Session | None = None,
-    extra_params: Mapping[str, object] | None = None,
+    extensions: protocol.Extensions | None = None,
     expected_shape: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """Encode an image on a remote VAE; a drop-in for `diffusers.utils.remote_utils.remote_encode`.
@@ -868,7 +868,7 @@ def remote_encode(
     else:
         raise TypeError(f"image must be a PIL image or a torch.Tensor, got {type(image).__name__}")
     wire = protocol.build_encode_request(
-        payload, scaling_factor=scaling_factor, shift_factor=shift_factor, extra=extra_params
+        payload, scaling_factor=scaling_factor, shift_factor=shift_factor, extensions=extensions
     )
     reply = send(
         endpoint,

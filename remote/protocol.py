@@ -1,8 +1,8 @@
 """The Hugging Face remote-VAE wire protocol: the one codec both our client and our server use.
 
 Requests carry parameters in the query string and the tensor (or image file) as the raw body;
-tensor responses carry raw bytes plus `shape` / `dtype` headers. See
-`shared/reference/hf-protocol.md` for the specification this module implements.
+tensor responses carry raw bytes plus `shape` / `dtype` headers. docs/protocol.md describes the
+protocol this module implements: Hugging Face's fields, our extensions and the status codes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
 
 import torch
 
@@ -28,12 +29,25 @@ PNG_TYPE = "image/png"
 MP4_ACCEPT = "text/plain"
 JSON_TYPE = "application/json"
 
-OUTPUT_TYPES = ("pil", "pt", "mp4")
-IMAGE_FORMATS = ("jpg", "png")
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+DECODE_TYPES = (TENSOR_TYPE, "application/octet-stream")
 
-# Our own optional query parameters (the HF endpoints ignore unknown ones).
-EXTENSION_PARAMS = ("output_dtype", "fps", "jpeg_quality", "tile", "tile_size", "reference")
+# The fixed sets of values the wire knows, each named once.
+Operation = Literal["decode", "encode"]
+OutputType = Literal["pil", "pt", "mp4"]
+ImageFormat = Literal["jpg", "png"]
+FloatDtype = Literal["float16", "bfloat16", "float32"]
+TileMode = Literal["auto", "on", "off"]
+Reference = Literal["diffusers", "comfyui"]  # whose implementation to match where they differ
+
+OUTPUT_TYPES: tuple[OutputType, ...] = get_args(OutputType)
+IMAGE_FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)
+FLOAT_DTYPES: tuple[FloatDtype, ...] = get_args(FloatDtype)
+TILE_MODES: tuple[TileMode, ...] = get_args(TileMode)
+REFERENCES: tuple[Reference, ...] = get_args(Reference)
+
+MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 1024  # latent pixels per tile side (smaller tiles cost more overlap than they save)
+MAX_FPS = 240
+MAX_JPEG_QUALITY = 100
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8"
@@ -149,6 +163,68 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
+# --------------------------------------------------------------------------- our extensions
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """Our optional query parameters (docs/protocol.md, "Extensions"); the HF endpoints ignore them.
+
+    `params()` puts the ones that differ from their defaults on the wire, in field order; `parse`
+    reads and validates them, so everything past the codec receives checked values.
+    """
+
+    output_dtype: FloatDtype | None = None  # dtype of raw tensor answers (default: float16 decode, float32 encode)
+    fps: int | None = None  # of an mp4 answer (default: the model's)
+    jpeg_quality: int | None = None  # of a JPEG answer, 1..100
+    tile: TileMode = "auto"  # tiled decode/encode: auto (as memory needs), on, off
+    tile_size: int | None = None  # latent pixels per tile side
+    reference: Reference = "diffusers"
+
+    def params(self) -> list[tuple[str, str]]:
+        defaults = Extensions()
+        return [
+            (f.name, _wire(getattr(self, f.name)))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        ]
+
+    def torch_output_dtype(self, default: torch.dtype) -> torch.dtype:
+        return default if self.output_dtype is None else DTYPES[self.output_dtype]
+
+    @classmethod
+    def parse(cls, query: dict[str, list[str]]) -> Extensions:
+        tile_size = parse_int(_one(query, "tile_size"), "tile_size", minimum=None)
+        if tile_size is not None and not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE:
+            raise ProtocolError(
+                f"tile_size={tile_size} must be between {MIN_TILE_SIZE} and {MAX_TILE_SIZE} latent pixels"
+            )
+        fps = parse_int(_one(query, "fps"), "fps")
+        if fps is not None and fps > MAX_FPS:
+            raise ProtocolError(f"fps={fps} is above the maximum of {MAX_FPS}")
+        quality = parse_int(_one(query, "jpeg_quality"), "jpeg_quality")
+        if quality is not None and quality > MAX_JPEG_QUALITY:
+            raise ProtocolError(f"jpeg_quality={quality} must be between 1 and {MAX_JPEG_QUALITY}")
+        return cls(
+            output_dtype=_choice(_one(query, "output_dtype"), "output_dtype", FLOAT_DTYPES, None),
+            fps=fps,
+            jpeg_quality=quality,
+            tile=_choice(_one(query, "tile"), "tile", TILE_MODES, "auto", fold=True),
+            tile_size=tile_size,
+            reference=_choice(_one(query, "reference"), "reference", REFERENCES, "diffusers", fold=True),
+        )
+
+
+def _choice(value: str | None, name: str, allowed: tuple, default, *, fold: bool = False):
+    """`value` if it is one of `allowed` (case- and space-insensitive when `fold`), else a ProtocolError."""
+    if value is None:
+        return default
+    chosen = value.strip().lower() if fold else value
+    if chosen not in allowed:
+        raise ProtocolError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return chosen
+
+
 # --------------------------------------------------------------------------- requests: client side
 
 
@@ -167,7 +243,7 @@ def _wire(value: object) -> str:
 
 
 def decode_accept(output_type: str, image_format: str, processor_flag: bool) -> str:
-    """The Accept header diffusers sends for a decode (hf-protocol.md section 2.3)."""
+    """The Accept header diffusers sends for a decode (docs/protocol.md, "Decode")."""
     if output_type == "mp4":
         return MP4_ACCEPT
     if output_type == "pil" and not processor_flag:
@@ -187,7 +263,7 @@ def build_decode_request(
     height: int | None = None,
     width: int | None = None,
     processor_flag: bool = False,
-    extra: Mapping[str, object] | None = None,
+    extensions: Extensions | None = None,
 ) -> WireRequest:
     """A decode request byte-identical to diffusers' `prepare_decode`, plus optional extensions."""
     if output_type not in OUTPUT_TYPES:
@@ -209,7 +285,7 @@ def build_decode_request(
         params.append(("do_scaling", _wire(do_scaling)))
     if height is not None and width is not None:
         params += [("height", _wire(height)), ("width", _wire(width))]
-    params += _extension_params(extra)
+    params += (extensions or Extensions()).params()
     headers = {
         "Content-Type": TENSOR_TYPE,
         "Accept": decode_accept(output_type, image_format, processor_flag),
@@ -222,7 +298,7 @@ def build_encode_request(
     *,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
-    extra: Mapping[str, object] | None = None,
+    extensions: Extensions | None = None,
 ) -> WireRequest:
     """An encode request as diffusers' `prepare_encode` builds it: no Content-Type header.
 
@@ -239,14 +315,8 @@ def build_encode_request(
         body = tensor_to_bytes(image)
     else:
         body = bytes(image)
-    params += _extension_params(extra)
+    params += (extensions or Extensions()).params()
     return WireRequest(params, {}, body)
-
-
-def _extension_params(extra: Mapping[str, object] | None) -> list[tuple[str, str]]:
-    if not extra:
-        return []
-    return [(k, _wire(v)) for k, v in extra.items() if v is not None]
 
 
 # --------------------------------------------------------------------------- requests: server side
@@ -254,7 +324,7 @@ def _extension_params(extra: Mapping[str, object] | None) -> list[tuple[str, str
 
 @dataclass
 class Scaling:
-    """How the server maps incoming latents to raw VAE space (hf-protocol.md section 4.1).
+    """How the server maps incoming latents to raw VAE space (docs/protocol.md, "Scaling").
 
     Factor parameters win; `do_scaling=True` without factors means "use the model's own config";
     nothing at all means the latents are already raw.
@@ -279,7 +349,7 @@ class DecodeRequest:
     scaling: Scaling
     height: int | None = None
     width: int | None = None
-    extensions: dict[str, str] = field(default_factory=dict)
+    extensions: Extensions = field(default_factory=Extensions)
 
 
 @dataclass
@@ -289,7 +359,7 @@ class EncodeRequest:
     scaling: Scaling
     tensor: torch.Tensor | None = None
     image_bytes: bytes | None = None
-    extensions: dict[str, str] = field(default_factory=dict)
+    extensions: Extensions = field(default_factory=Extensions)
 
 
 def parse_query(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -328,14 +398,14 @@ def parse_float(value: str | None, name: str) -> float | None:
     return number
 
 
-def parse_int(value: str | None, name: str, minimum: int = 1) -> int | None:
+def parse_int(value: str | None, name: str, minimum: int | None = 1) -> int | None:
     if value is None:
         return None
     try:
         number = int(value.strip())
     except ValueError:
         raise ProtocolError(f"{name}={value!r} is not an integer") from None
-    if number < minimum:
+    if minimum is not None and number < minimum:
         raise ProtocolError(f"{name}={number} must be at least {minimum}")
     return number
 
@@ -374,10 +444,6 @@ def _parse_scaling(query: dict[str, list[str]], allow_model_defaults: bool) -> S
     return Scaling(scaling_factor, shift_factor, use_model_defaults=do_scaling and scaling_factor is None)
 
 
-def _extensions(query: dict[str, list[str]]) -> dict[str, str]:
-    return {k: query[k][-1] for k in EXTENSION_PARAMS if k in query}
-
-
 def _media_type(value: str | None) -> str:
     return (value or "").split(";")[0].strip().lower()
 
@@ -389,7 +455,7 @@ def parse_decode_request(
     query = parse_query(query_items)
     lower = {k.lower(): v for k, v in headers.items()}
     content_type = _media_type(lower.get("content-type"))
-    if content_type not in ("", TENSOR_TYPE, "application/octet-stream"):
+    if content_type not in ("", *DECODE_TYPES):
         raise ProtocolError(f"Content-Type {content_type!r} is not supported for decode; send {TENSOR_TYPE}")
     output_type = (_one(query, "output_type") or "pil").lower()
     if output_type not in OUTPUT_TYPES:
@@ -420,7 +486,7 @@ def parse_decode_request(
         scaling=_parse_scaling(query, allow_model_defaults=True),
         height=height if tensor.ndim == 3 else None,
         width=width if tensor.ndim == 3 else None,
-        extensions=_extensions(query),
+        extensions=Extensions.parse(query),
     )
 
 
@@ -430,7 +496,7 @@ def parse_encode_request(
     """Parse an encode request: a raw tensor iff `shape` and `dtype` are given, else an image file."""
     query = parse_query(query_items)
     scaling = _parse_scaling(query, allow_model_defaults=True)
-    extensions = _extensions(query)
+    extensions = Extensions.parse(query)
     if "shape" in query or "dtype" in query:
         return EncodeRequest(scaling, tensor=parse_tensor_body(query, body), extensions=extensions)
     if not body:
@@ -440,3 +506,17 @@ def parse_encode_request(
             "encode body is neither a PNG/JPEG/WebP image nor a raw tensor (no `shape`/`dtype` parameters)"
         )
     return EncodeRequest(scaling, image_bytes=bytes(body), extensions=extensions)
+
+
+def operation_for(content_type: str | None) -> Operation:
+    """The operation a POST without one in its path asks for: diffusers sends decodes as
+    `tensor/binary` and encodes with no Content-Type at all (or an image type)."""
+    media = _media_type(content_type)
+    if media in DECODE_TYPES:
+        return "decode"
+    if not media or media.startswith("image/"):
+        return "encode"
+    raise ProtocolError(
+        f"Content-Type {media!r} is not supported: send {TENSOR_TYPE} latents to decode, "
+        "or an image (no Content-Type, or image/png|jpeg) to encode"
+    )

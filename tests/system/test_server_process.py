@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import tiny_kl
 from test_cli import running_server
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
+from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(600)
 

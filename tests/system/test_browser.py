@@ -17,11 +17,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
-from browser.cdp import CHROMIUM, Chromium
-from comfyui_harness import REPO, free_port, running_comfyui
-from conftest import hosting, tiny_kl
 
 from remote_vae.remote.presets import PRESETS
+from support.cdp import CHROMIUM, Chromium
+from support.comfyui_harness import REPO, free_port, running_comfyui
+from support.serving import hosting
+from support.tiny import tiny_kl
 
 pytestmark = [
     pytest.mark.timeout(600),

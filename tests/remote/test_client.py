@@ -20,19 +20,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import remote_utils
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
-from stub_servers import (
-    Canned,
-    flaky,
-    json_error,
-    recorder,
-    refused_url,
-    serve,
-    slow,
-    stalling,
-    tensor_answer,
-    text_answer,
-    unaccepting,
-)
 
 from remote_vae.remote import (
     RemoteVAECancelled,
@@ -45,6 +32,19 @@ from remote_vae.remote import (
     remote_decode,
     remote_encode,
     send,
+)
+from support.stub_servers import (
+    Canned,
+    flaky,
+    json_error,
+    recorder,
+    refused_url,
+    serve,
+    slow,
+    stalling,
+    tensor_answer,
+    text_answer,
+    unaccepting,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -318,15 +318,15 @@ def test_a_passed_session_is_used():
     assert CountingSession.posts == 1
 
 
-def test_extra_params_and_cold_start_header_only_when_asked():
+def test_extensions_and_cold_start_header_only_when_asked():
     with recorder(OK) as stub:
         remote_decode(stub.url, latent(), do_scaling=False, output_type="pt", return_type="pt")
         remote_decode(stub.url, latent(), do_scaling=False, output_type="pt", return_type="pt",
-                      extra_params={"output_dtype": "float16", "tile": True}, cold_start_timeout=90)  # fmt: skip
+                      extensions=protocol.Extensions(output_dtype="float16", tile="on"), cold_start_timeout=90)  # fmt: skip
     plain, extended = stub.requests
     assert "X-Scale-Up-Timeout" not in dict(plain.headers)
     assert dict(extended.headers)["X-Scale-Up-Timeout"] == "90"
-    assert extended.query == plain.query + "&output_dtype=float16&tile=True"
+    assert extended.query == plain.query + "&output_dtype=float16&tile=on"
     assert [h for h in extended.headers if h[0] != "X-Scale-Up-Timeout"] == plain.headers
 
 

@@ -115,7 +115,7 @@ def _comfy_formats(source: str) -> dict[str, dict[str, object]]:
 @pytest.fixture(scope="module")
 def comfy_formats() -> dict:
     """ComfyUI 0.3.75's latent formats, read from its source (the integration tests' copy)."""
-    from comfyui_harness import comfyui_dir
+    from support.comfyui_harness import comfyui_dir
 
     return _comfy_formats((comfyui_dir() / "comfy" / "latent_formats.py").read_text())
 

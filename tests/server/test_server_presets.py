@@ -9,10 +9,11 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import error_of, hosting, post_decode, post_encode, tensor_of, tiny_kl
 from PIL import Image
 
 from remote_vae.remote.presets import PRESETS
+from support.serving import error_of, hosting, post_decode, post_encode, tensor_of
+from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,9 +1,9 @@
 """Speed-up flags: they change the memory layout, never the result."""
 
 import torch
-from conftest import tiny_kl
 
 from remote_vae.local_server.accel import Accel, apply, input_layout
+from support.tiny import tiny_kl
 
 
 def test_channels_last_keeps_the_output():

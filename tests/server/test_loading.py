@@ -18,7 +18,6 @@ import diffusers
 import huggingface_hub.constants
 import pytest
 import torch
-import vae_factory
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_wan_vae_to_diffusers
 from safetensors.torch import load_file, save_file
 
@@ -33,6 +32,7 @@ from remote_vae.local_server.loading import (
     resolve_source,
 )
 from remote_vae.remote.presets import PRESETS
+from support import vae_factory
 
 ARCHITECTURE = (
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
@@ -620,7 +620,7 @@ json.dump(report, open(args["report"], "w"))
 
 
 def _comfyui_dir() -> Path:
-    import comfyui_harness
+    from support import comfyui_harness
 
     return comfyui_harness.comfyui_dir()  # a missing ComfyUI is a failure here, not a skip
 

@@ -11,7 +11,6 @@ import logging
 import math
 
 import pytest
-import stub_servers
 import torch
 
 from remote_vae.local_server.parity import behaving_like
@@ -21,6 +20,7 @@ from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
 from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
 from remote_vae.remote.presets import PresetError
+from support import stub_servers
 
 # lossless = the server's uint8 rounding of (x*0.5+0.5) computed in float16: at most 0.5 LSB for the rounding
 # plus 2**-11 * 255 = 0.125 LSB for float16. Measured: 0.59 / 255.
@@ -91,7 +91,7 @@ def test_decode_lossless_matches_vaedecode(server, models):
 
 
 def test_decode_fails_over_to_the_next_of_several_endpoints(server, models):
-    from stub_servers import refused_url
+    from support.stub_servers import refused_url
 
     samples = latent(1, 4, 8, 6, seed=5)
     endpoints = f"{refused_url()}/sd15, {server}/sd15"

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_kl
 from diffusers import AutoencoderKL
 
 from remote_vae.local_server.tiling import run_tiled, tile_starts
+from support.tiny import tiny_kl
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:

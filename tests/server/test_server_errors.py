@@ -9,12 +9,13 @@ import threading
 import pytest
 import requests
 import torch
-from conftest import error_of, hosting, post_decode, post_encode, serve, tensor_of, tiny_kl
 
 from remote_vae.local_server.app import create_app
 from remote_vae.local_server.engine import ModelHost
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
+from support.serving import error_of, hosting, post_decode, post_encode, serve, tensor_of
+from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(120)
 

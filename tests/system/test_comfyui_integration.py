@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import stub_servers
 import torch
-import vae_factory
-from comfyui_harness import EventListener, error_of, running_comfyui, running_vae_server, status_of
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from remote_vae.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from support import stub_servers, vae_factory
+from support.comfyui_harness import EventListener, error_of, running_comfyui, running_vae_server, status_of
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -170,7 +169,7 @@ def test_object_info_lists_our_nodes(comfy):
 
 def test_example_workflows_are_listed_and_their_core_widgets_fit(comfy):
     templates = comfy.get("/workflow_templates").json()
-    examples = sorted(Path(__file__).resolve().parents[1].glob("example_workflows/*.json"))
+    examples = sorted(Path(__file__).resolve().parents[2].glob("example_workflows/*.json"))
     assert sorted(templates["remote-vae"]) == [p.stem for p in examples]
     info = comfy.object_info()
     for path in examples:

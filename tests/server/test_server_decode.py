@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import error_of, post_decode, tensor_of
 from PIL import Image
 
 from remote_vae.remote.presets import PRESETS
+from support.serving import error_of, post_decode, tensor_of
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import error_of, post_decode, tensor_of, tiny_kl
 
 from remote_vae.local_server.cli import base_url, build_host, parse_model_spec
 from remote_vae.remote.presets import PRESETS, PresetError
+from support.serving import error_of, post_decode, tensor_of
+from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,11 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import tiny_kl
 from diffusers import AutoencoderKL
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import send
+from support.tiny import tiny_kl
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -52,7 +52,7 @@ def test_both_replicas_serve_correct_results(ray_endpoint, tiny_vae):
     latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
 
     def decode(z: torch.Tensor):
-        wire = protocol.build_decode_request(z, output_type="pt", do_scaling=False, extra={"output_dtype": "float32"})
+        wire = protocol.build_decode_request(z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32"))
         reply = send(f"{ray_endpoint}/sd15", wire, timeout=(10, 120), retries=2)
         return reply.headers["x-remote-vae-replica"], reply.tensor()
 

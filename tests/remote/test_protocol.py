@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 
 import numpy as np
@@ -17,10 +18,10 @@ from diffusers.video_processor import VideoProcessor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from stub_servers import Canned, recorder, tensor_answer
 
 from remote_vae.remote import client, protocol
 from remote_vae.remote.protocol import ProtocolError
+from support.stub_servers import Canned, recorder, tensor_answer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -176,12 +177,55 @@ def test_decode_height_width_only_when_both_given():
     assert params[-2:] == [("height", "64"), ("width", "32")]
 
 
-def test_extension_params_come_after_hf_ones_and_drop_none():
+def test_extension_params_come_after_hf_ones_and_drop_defaults():
     tensor = latent((1, 4, 8, 8), torch.float32)
     wire = protocol.build_decode_request(
-        tensor, do_scaling=False, extra={"output_dtype": "uint8", "tile": True, "fps": None}
+        tensor, do_scaling=False, extensions=protocol.Extensions(output_dtype="float32", tile="on", fps=None)
     )
-    assert wire.params[-3:] == [("dtype", "float32"), ("output_dtype", "uint8"), ("tile", "True")]
+    assert wire.params[-3:] == [("dtype", "float32"), ("output_dtype", "float32"), ("tile", "on")]
+    assert protocol.build_decode_request(tensor, extensions=protocol.Extensions()).params == (
+        protocol.build_decode_request(tensor).params
+    )
+
+
+def test_extensions_round_trip_in_field_order():
+    ext = protocol.Extensions("bfloat16", 12, 90, "off", 32, "comfyui")
+    assert ext.params() == [
+        ("output_dtype", "bfloat16"), ("fps", "12"), ("jpeg_quality", "90"),
+        ("tile", "off"), ("tile_size", "32"), ("reference", "comfyui"),
+    ]  # fmt: skip
+    assert protocol.Extensions.parse(protocol.parse_query(ext.params())) == ext
+    assert protocol.Extensions.parse({"tile": [" ON "], "reference": ["ComfyUI"]}) == protocol.Extensions(
+        tile="on", reference="comfyui"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"output_dtype": ["uint8"]}, "output_dtype='uint8' is not one of float16, bfloat16, float32"),
+        ({"tile": ["True"]}, "tile='True' is not one of auto, on, off"),
+        ({"tile_size": ["-3"]}, "tile_size=-3 must be between 16 and 1024 latent pixels"),
+        ({"fps": ["0"]}, "fps=0 must be at least 1"),
+        ({"reference": ["blender"]}, "reference='blender' is not one of diffusers, comfyui"),
+    ],
+)
+def test_bad_extension_values_name_the_value(query, message):
+    with pytest.raises(protocol.ProtocolError, match=re.escape(message)):
+        protocol.Extensions.parse(query)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "operation"),
+    [("tensor/binary", "decode"), ("application/octet-stream; x=1", "decode"), (None, "encode"), ("image/png", "encode")],
+)
+def test_operation_follows_content_type(content_type, operation):
+    assert protocol.operation_for(content_type) == operation
+
+
+def test_unknown_content_type_is_refused():
+    with pytest.raises(protocol.ProtocolError, match="Content-Type 'text/html' is not supported"):
+        protocol.operation_for("text/html")
 
 
 @pytest.mark.parametrize(
@@ -445,7 +489,7 @@ def test_parse_decode_request_round_trips_a_built_request():
     tensor = latent((1, 4096, 64), torch.bfloat16)
     wire = protocol.build_decode_request(
         tensor, output_type="pt", partial_postprocess=True, scaling_factor=0.3611, shift_factor=0.1159,
-        height=1024, width=1024, extra={"output_dtype": "uint8"},
+        height=1024, width=1024, extensions=protocol.Extensions(output_dtype="float32"),
     )  # fmt: skip
     parsed = protocol.parse_decode_request(wire.params, wire.headers, wire.body)
     assert torch.equal(parsed.tensor, tensor)
@@ -453,7 +497,7 @@ def test_parse_decode_request_round_trips_a_built_request():
     assert parsed.accept == "tensor/binary"
     assert parsed.scaling == protocol.Scaling(0.3611, 0.1159, use_model_defaults=False)
     assert (parsed.height, parsed.width) == (1024, 1024)
-    assert parsed.extensions == {"output_dtype": "uint8"}
+    assert parsed.extensions == protocol.Extensions(output_dtype="float32")
 
 
 def test_repeated_keys_last_scalar_wins_and_shape_accumulates():
@@ -503,9 +547,9 @@ def test_scaling_modes():
 def test_unknown_params_are_ignored_and_extensions_kept():
     tensor = latent((1, 4, 2, 2), torch.float32)
     items = decode_query(tensor, input_tensor_type="binary", output_tensor_type="binary", whatever="1",
-                         fps="12", tile="True")  # fmt: skip
+                         fps="12", tile="on")  # fmt: skip
     parsed = protocol.parse_decode_request(items, TENSOR_HEADERS, protocol.tensor_to_bytes(tensor))
-    assert parsed.extensions == {"fps": "12", "tile": "True"}
+    assert parsed.extensions == protocol.Extensions(fps=12, tile="on")
 
 
 def test_height_width_ignored_for_4d_latents():
@@ -586,10 +630,10 @@ def test_parse_encode_request_image_and_tensor():
     jpeg = jpeg_bytes()
     assert protocol.parse_encode_request([], {}, jpeg).image_bytes == jpeg
     image = latent((1, 3, 8, 8), torch.float16)
-    wire = protocol.build_encode_request(image, scaling_factor=0.18215, extra={"tile": False})
+    wire = protocol.build_encode_request(image, scaling_factor=0.18215, extensions=protocol.Extensions(tile="off"))
     parsed = protocol.parse_encode_request(wire.params, wire.headers, wire.body)
     assert torch.equal(parsed.tensor, image) and parsed.image_bytes is None
-    assert parsed.extensions == {"tile": "False"}
+    assert parsed.extensions == protocol.Extensions(tile="off")
 
 
 def test_parse_encode_request_one_dim_shape_stays_a_list():

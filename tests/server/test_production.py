@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from conftest import error_of, post_decode, post_encode, serve, tensor_of, tiny_kl
 
 from remote_vae.local_server.app import Settings, create_app
 from remote_vae.local_server.engine import EngineOptions, ModelHost
@@ -17,6 +16,8 @@ from remote_vae.local_server.limits import Limits
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
 from remote_vae.remote.presets import PRESETS
+from support.serving import error_of, post_decode, post_encode, serve, tensor_of
+from support.tiny import tiny_kl
 
 
 def z(*shape, seed=0):
@@ -246,7 +247,7 @@ def test_bounded_load_every_request_answered_correctly(vae):
     settings = Settings(limits=Limits(max_concurrency=1, max_queue=1))
 
     def decode(latent):
-        wire = protocol.build_decode_request(latent, output_type="pt", do_scaling=False, extra={"output_dtype": "float32"})
+        wire = protocol.build_decode_request(latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32"))
         return send(url + "/sd15", wire, retries=30, backoff=0.05, timeout=(5, 60))
 
     with hosting(vae, settings) as url, ThreadPoolExecutor(8) as pool:
@@ -266,9 +267,8 @@ def test_a_client_error_from_the_queue_is_clear():
 
 
 def test_reference_comfyui_unmasks_hunyuan_video_attention_only_when_asked():
-    from conftest import tiny_hunyuan
-
     from remote_vae.local_server.parity import behaving_like
+    from support.tiny import tiny_hunyuan
 
     model = tiny_hunyuan(seed=4)
     latent = z(1, 16, 3, 4, 4, seed=9)
@@ -297,7 +297,7 @@ def test_reference_changes_nothing_for_models_without_a_difference(vae):
 
 
 def test_video_tiling_uses_the_models_own_tiles():
-    from conftest import tiny_wan
+    from support.tiny import tiny_wan
 
     model = tiny_wan(seed=5)
     latent = z(1, 16, 2, 24, 24, seed=6)  # 192 pixels a side: several 128-pixel tiles

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import post_encode, tensor_of
 from PIL import Image
 
 from remote_vae.remote.presets import PRESETS
+from support.serving import post_encode, tensor_of
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-from comfyui_harness import core_node_types
 
 from remote_vae.nodes import NODE_CLASS_MAPPINGS
 from remote_vae.nodes.resolve import endpoint_url, token_variable
 from remote_vae.remote.presets import PRESETS
+from support.comfyui_harness import core_node_types
 
-FOLDER = Path(__file__).resolve().parents[1] / "example_workflows"
+FOLDER = Path(__file__).resolve().parents[2] / "example_workflows"
 WORKFLOWS = sorted(FOLDER.glob("*.json"))
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 NODE_KEYS = {
