@@ -6,7 +6,6 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from ..remote.endpoints import split_endpoints
 from ..remote.presets import (
     PRESETS,
     Preset,
@@ -16,6 +15,7 @@ from ..remote.presets import (
     detect_preset,
     get_preset,
 )
+from ..remote.sending import split_endpoints
 from .choices import AUTO, is_video_model
 
 SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
