@@ -21,18 +21,10 @@ DEFAULT_TOKEN_ENV = "REMOTE_VAE_TOKEN"
 
 CATEGORY = "latent/remote"
 
-# Image models whose VAE is a video VAE: 5-D latents with one latent frame, one image per "video".
-STILL_IMAGE_PRESETS = frozenset({"qwen_image"})
-
 
 def preset_choices(video_only: bool = False) -> list[str]:
     """["auto", *preset names] for the preset widget (video presets only for the video node)."""
     from ..remote.presets import PRESETS  # torch comes with it: only when ComfyUI asks for the inputs
 
-    names = [name for name, p in PRESETS.items() if not video_only or is_video_model(p)]
+    names = [name for name, p in PRESETS.items() if not video_only or p.is_video_model]
     return [AUTO, *names]
-
-
-def is_video_model(preset) -> bool:
-    """A model whose IMAGE batch is the frames of one video (not Qwen-Image's one-frame latents)."""
-    return preset.is_video and preset.name not in STILL_IMAGE_PRESETS

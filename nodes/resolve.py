@@ -16,7 +16,7 @@ from ..remote.presets import (
     get_preset,
 )
 from ..remote.sending import split_endpoints
-from .choices import AUTO, is_video_model
+from .choices import AUTO
 
 SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
 HF_HOST_SUFFIX = ".endpoints.huggingface.cloud"
@@ -121,4 +121,4 @@ def token_variable(token_env: str | None) -> str | None:
 
 def frames_are_time(preset: Preset | None) -> bool:
     """Whether an IMAGE batch is encoded as the frames of one video (video VAEs, like ComfyUI)."""
-    return preset is not None and is_video_model(preset)
+    return preset is not None and preset.is_video_model
