@@ -5,14 +5,17 @@ Kept free of heavy imports: ComfyUI imports this at start-up, before anything ru
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 AUTO = "auto"
 
-# lossless: uint8 pixels (what a saved PNG holds); exact: float32 decoder output, clamped here like
-# ComfyUI's VAEDecode; compact: one JPEG per image (smallest, lossy).
-TRANSFER_DECODE = ("lossless", "exact", "compact")
-TRANSFER_VIDEO = ("lossless", "exact")
-# lossless: uint8 NHWC pixels; exact: float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
-TRANSFER_ENCODE = ("lossless", "exact")
+# How pixels travel. Decode: lossless = uint8 pixels (what a saved PNG holds); exact = float32 decoder
+# output, clamped here like ComfyUI's VAEDecode; compact = one JPEG per image (smallest, lossy).
+# Encode: lossless = uint8 NHWC pixels; exact = float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
+TransferMode = Literal["lossless", "exact", "compact"]
+TRANSFER_DECODE: tuple[TransferMode, ...] = get_args(TransferMode)
+TRANSFER_VIDEO: tuple[TransferMode, ...] = ("lossless", "exact")
+TRANSFER_ENCODE: tuple[TransferMode, ...] = ("lossless", "exact")
 
 DEFAULT_TIMEOUT = 300
 MIN_TIMEOUT = 5

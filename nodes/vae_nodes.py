@@ -89,21 +89,10 @@ class RemoteVAEDecode:
         token_env=DEFAULT_TOKEN_ENV,
         unique_id=None,
     ):
-        from .operations import decode_node
+        from .operations import NodeRequest, decode_node
 
-        images = decode_node(
-            unique_id,
-            samples,
-            vae,
-            preset=preset,
-            endpoint=endpoint,
-            transfer=transfer,
-            timeout=timeout,
-            token_env=token_env,
-            video_only=self.VIDEO_ONLY,
-            transfers=self.TRANSFERS,
-        )
-        return (images,)
+        request = NodeRequest(preset, endpoint, transfer, timeout, token_env, video_only=self.VIDEO_ONLY)
+        return (decode_node(unique_id, samples, vae, request),)
 
 
 class RemoteVideoDecode(RemoteVAEDecode):
@@ -143,19 +132,10 @@ class RemoteVAEEncode:
         token_env=DEFAULT_TOKEN_ENV,
         unique_id=None,
     ):
-        from .operations import encode_node
+        from .operations import NodeRequest, encode_node
 
-        latent = encode_node(
-            unique_id,
-            pixels,
-            vae,
-            preset=preset,
-            endpoint=endpoint,
-            transfer=transfer,
-            timeout=timeout,
-            token_env=token_env,
-        )
-        return (latent,)
+        request = NodeRequest(preset, endpoint, transfer, timeout, token_env)
+        return (encode_node(unique_id, pixels, vae, request),)
 
 
 NODE_CLASS_MAPPINGS = {

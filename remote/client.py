@@ -168,7 +168,7 @@ def remote_decode(
         return reply.tensor(expected_shape)
     if output_type == "pil":  # with a processor: float frames in 0..1
         pixels = (reply.float_frames(expected_shape).permute(0, 2, 3, 1).float().numpy() * 255).round()
-        # diffusers casts without clipping; clipping changes nothing for in-range values and avoids wrap-around.
+        # diffusers casts without clipping; clipping changes nothing in range and avoids wrap-around.
         return [Image.fromarray(frame) for frame in np.clip(pixels, 0, 255).astype("uint8")]
     if partial_postprocess:
         images = [Image.fromarray(image.numpy()) for image in reply.uint8_frames(expected_shape)]

@@ -50,7 +50,8 @@ class Reply:
     def unexpected(self, problem: str, hint: str = PROTOCOL_HINT) -> RemoteVAEError:
         """The error for a reply that does not hold what was asked: `problem` follows "answered 200 "."""
         status = self.transfer.status
-        return RemoteVAEError(self.transfer.endpoint, f"answered {status} {problem}", status=status, hint=hint)
+        endpoint = self.transfer.endpoint
+        return RemoteVAEError(endpoint, f"answered {status} {problem}", status=status, hint=hint)
 
     def tensor(
         self,
@@ -71,7 +72,8 @@ class Reply:
             want = "any shape" if expected_shape is None else str(list(expected_shape))
             if isinstance(dtype, torch.dtype):
                 want += f" {protocol.dtype_name(dtype)}"
-            raise self._mismatch(f"it holds {shape} {name}", f"a tensor of shape {shape}, expected {want}", meaning, hint)
+            protocol_terms = f"a tensor of shape {shape}, expected {want}"
+            raise self._mismatch(f"it holds {shape} {name}", protocol_terms, meaning, hint)
         if dtype == FLOAT and not tensor.is_floating_point():
             raise self.unexpected(f"but it holds {name} values where floats were asked for", hint)
         return tensor
@@ -89,8 +91,9 @@ class Reply:
         try:
             image = Image.open(io.BytesIO(self.body)).convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            head = self.body[:16]
             raise self.unexpected(
-                f"with a body that is not {kind} ({len(self.body)} bytes): {exc}; it starts {self.body[:16]!r}"
+                f"with a body that is not {kind} ({len(self.body)} bytes): {exc}; it starts {head!r}"
             ) from None
         image.format = image_type(self.body)
         if size is not None and image.size != tuple(size):

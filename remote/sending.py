@@ -1,4 +1,4 @@
-"""Sending to one endpoint or several: spread requests over the servers of one model, fail over when one is down.
+"""Sending to one endpoint or several: spread requests over a model's servers, fail over when one is down.
 
 Requests go to the endpoint with the fewest requests outstanding from this process (ties: the one
 that failed longest ago, then the order given). An endpoint that fails to connect or answers a
