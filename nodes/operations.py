@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -85,8 +85,8 @@ class Outcome:
     """A finished remote run: the tensor, one Transfer per request, and the wall time."""
 
     value: torch.Tensor
-    transfers: list = field(default_factory=list)
-    seconds: float = 0.0
+    transfers: list[Transfer]
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -537,6 +537,30 @@ def test_expected_shape():
             remote_encode(stub.url, latent((1, 3, 8, 8)), expected_shape=[1, 4, 1, 1])
 
 
+def _reply(body: bytes, headers=()) -> Reply:
+    return Reply(body, dict(headers), Transfer("http://h:8190/sd15", 200, 0, len(body), 0.0, 1))
+
+
+def test_reply_checks_in_protocol_terms_and_in_the_callers():
+    pixels = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    reply = _reply(*protocol.tensor_response(pixels))
+    assert torch.equal(reply.tensor([1, 8, 8, 3], dtype=torch.uint8), pixels)
+    with pytest.raises(RemoteVAEError, match=r"answered 200 with a tensor of shape \[1, 8, 8, 3\], expected any shape float32"):
+        reply.tensor(dtype=torch.float32)
+    with pytest.raises(RemoteVAEError, match=r"but it holds uint8 values where floats were asked for \(hint: mine\)"):
+        reply.tensor(dtype="float", hint="mine")
+    with pytest.raises(RemoteVAEError, match=r"but it holds \[1, 8, 8, 3\] uint8 where 2 images were asked for"):
+        reply.tensor([2, 8, 8, 3], meaning="2 images were asked for")
+    png = _reply(image_bytes("PNG", size=(8, 6)))
+    assert png.image((8, 6)).format == "png"
+    with pytest.raises(RemoteVAEError, match=r"answered 200 with a 8x6 image, expected 16x16 \(hint: the server does not"):
+        png.image((16, 16))
+    with pytest.raises(RemoteVAEError, match=r"answered 200 but it is a 8x6 image where the latent decodes to 16x16"):
+        png.image((16, 16), meaning="the latent decodes to 16x16")
+    with pytest.raises(RemoteVAEError, match=r"not a readable JPEG image \(5 bytes\): .*; it starts b'hello'"):
+        _reply(b"hello").image(kind="a readable JPEG image")
+
+
 def test_partial_postprocess_answer_must_be_uint8_images():
     with recorder(tensor_answer(latent((1, 3, 8, 8)))) as stub:
         with pytest.raises(
