@@ -5,14 +5,17 @@ Kept free of heavy imports: ComfyUI imports this at start-up, before anything ru
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 AUTO = "auto"
 
-# lossless: uint8 pixels (what a saved PNG holds); exact: float32 decoder output, clamped here like
-# ComfyUI's VAEDecode; compact: one JPEG per image (smallest, lossy).
-TRANSFER_DECODE = ("lossless", "exact", "compact")
-TRANSFER_VIDEO = ("lossless", "exact")
-# lossless: uint8 NHWC pixels; exact: float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
-TRANSFER_ENCODE = ("lossless", "exact")
+# How pixels travel. Decode: lossless = uint8 pixels (what a saved PNG holds); exact = float32 decoder
+# output, clamped here like ComfyUI's VAEDecode; compact = one JPEG per image (smallest, lossy).
+# Encode: lossless = uint8 NHWC pixels; exact = float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
+TransferMode = Literal["lossless", "exact", "compact"]
+TRANSFER_DECODE: tuple[TransferMode, ...] = get_args(TransferMode)
+TRANSFER_VIDEO: tuple[TransferMode, ...] = ("lossless", "exact")
+TRANSFER_ENCODE: tuple[TransferMode, ...] = ("lossless", "exact")
 
 DEFAULT_TIMEOUT = 300
 MIN_TIMEOUT = 5
@@ -21,18 +24,10 @@ DEFAULT_TOKEN_ENV = "REMOTE_VAE_TOKEN"
 
 CATEGORY = "latent/remote"
 
-# Image models whose VAE is a video VAE: 5-D latents with one latent frame, one image per "video".
-STILL_IMAGE_PRESETS = frozenset({"qwen_image"})
-
 
 def preset_choices(video_only: bool = False) -> list[str]:
     """["auto", *preset names] for the preset widget (video presets only for the video node)."""
     from ..remote.presets import PRESETS  # torch comes with it: only when ComfyUI asks for the inputs
 
-    names = [name for name, p in PRESETS.items() if not video_only or is_video_model(p)]
+    names = [name for name, p in PRESETS.items() if not video_only or p.is_video_model]
     return [AUTO, *names]
-
-
-def is_video_model(preset) -> bool:
-    """A model whose IMAGE batch is the frames of one video (not Qwen-Image's one-frame latents)."""
-    return preset.is_video and preset.name not in STILL_IMAGE_PRESETS

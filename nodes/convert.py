@@ -10,16 +10,17 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..remote import protocol
 from ..remote.presets import Preset
+from ..remote.reply import FLOAT, Reply
+from .choices import TransferMode
 
 SEND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class UnexpectedReply(ValueError):
-    """A well-formed reply that does not hold what the request asked for."""
+# A reply that parses but does not fit the preset most likely comes from another model.
+SAME_MODEL = "check that the endpoint URL and the preset name the same model"
 
 
 # --------------------------------------------------------------------------- decode
@@ -28,9 +29,10 @@ class UnexpectedReply(ValueError):
 # Our server's request extension: where ComfyUI's VAE code differs from diffusers' (HunyuanVideo's
 # mid-block attention), decode and encode like ComfyUI does. Other endpoints ignore it.
 COMFYUI = protocol.Extensions(reference="comfyui")
+COMFYUI_FLOAT32 = protocol.Extensions(output_dtype="float32", reference="comfyui")
 
 
-def decode_request(latent: torch.Tensor, transfer: str) -> protocol.WireRequest:
+def decode_request(latent: torch.Tensor, transfer: TransferMode) -> protocol.WireRequest:
     """The request for one chunk of raw latents: scaling off, output form chosen by `transfer`."""
     if latent.dtype not in SEND_DTYPES:
         latent = latent.float()
@@ -40,7 +42,7 @@ def decode_request(latent: torch.Tensor, transfer: str) -> protocol.WireRequest:
         )
     if transfer == "exact":
         return protocol.build_decode_request(
-            latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32", reference="comfyui")
+            latent, output_type="pt", do_scaling=False, extensions=COMFYUI_FLOAT32
         )
     if transfer == "compact":
         return protocol.build_decode_request(
@@ -57,56 +59,30 @@ def decoded_size(preset: Preset, latent_shape: Sequence[int]) -> tuple[int, int,
     return 1, latent_shape[2] * s, latent_shape[3] * s
 
 
-def image_from_reply(reply, transfer: str, preset: Preset, latent_shape: Sequence[int]) -> torch.Tensor:
-    """IMAGE frames [B*F,H,W,3] float32 from a decode reply (the client's `Reply`: `.body`, `.tensor()`)."""
+def image_from_reply(
+    reply: Reply, transfer: TransferMode, preset: Preset, latent_shape: Sequence[int]
+) -> torch.Tensor:
+    """IMAGE frames [B*F,H,W,3] float32 from a decode reply, checked against what the latent decodes to."""
     frames, height, width = decoded_size(preset, latent_shape)
     batch = latent_shape[0]
+    decodes_to = f"a latent of shape {list(latent_shape)} decodes to"
     if transfer == "compact":
-        return _image_from_jpeg(reply.body, height, width)
-    tensor = reply.tensor()
+        image = reply.image(
+            (width, height),
+            kind="a readable JPEG image",
+            meaning=f"the latent decodes to {width}x{height}",
+            hint=SAME_MODEL,
+        )
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0).unsqueeze(0)
     if transfer == "lossless":
-        _expect(tensor, (batch * frames, height, width, 3), torch.uint8, preset, latent_shape)
-        return tensor.float() / 255.0
-    want = (batch, 3, frames, height, width) if len(latent_shape) == 5 else (batch, 3, height, width)
-    _expect(tensor, want, None, preset, latent_shape)
+        want = [batch * frames, height, width, 3]
+        meaning = f"{decodes_to} {want} uint8 with preset {preset.name}"
+        return reply.tensor(want, dtype=torch.uint8, meaning=meaning, hint=SAME_MODEL).float() / 255.0
+    want = [batch, 3, frames, height, width] if len(latent_shape) == 5 else [batch, 3, height, width]
+    meaning = f"{decodes_to} {want} float with preset {preset.name}"
+    tensor = reply.tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL)
     images = torch.clamp((tensor.float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
     return images.reshape(-1, height, width, 3)
-
-
-def _image_from_jpeg(body: bytes, height: int, width: int) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(body))
-        image.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise UnexpectedReply(f"its body is not a readable JPEG image ({len(body)} bytes): {err}") from None
-    if image.size != (width, height):
-        raise UnexpectedReply(
-            f"it is a {image.size[0]}x{image.size[1]} image where the latent decodes to {width}x{height}"
-        )
-    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(pixels.copy()).float().div_(255.0).unsqueeze(0)
-
-
-def _expect(
-    tensor: torch.Tensor,
-    shape: tuple[int, ...],
-    dtype: torch.dtype | None,
-    preset: Preset,
-    latent_shape: Sequence[int],
-) -> None:
-    if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
-        want = f"{list(shape)} {protocol.dtype_name(dtype) if dtype else 'float'}"
-        raise UnexpectedReply(
-            f"it holds {list(tensor.shape)} {protocol.dtype_name(tensor.dtype)} where a latent of shape "
-            f"{list(latent_shape)} decodes to {want} with preset {preset.name}"
-        )
-    if dtype is None and not tensor.is_floating_point():
-        raise UnexpectedReply(
-            f"it holds {protocol.dtype_name(tensor.dtype)} values where floats were asked for"
-        )
 
 
 # --------------------------------------------------------------------------- encode
@@ -123,7 +99,7 @@ def crop_pixels(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def encode_request(
-    pixels: torch.Tensor, transfer: str, as_video: bool, as_png: bool = False
+    pixels: torch.Tensor, transfer: TransferMode, as_video: bool, as_png: bool = False
 ) -> protocol.WireRequest:
     """The request for IMAGE pixels [B,H,W,3]: uint8 NHWC (lossless) or float32 NCHW in [-1,1] (exact).
 
@@ -156,32 +132,32 @@ def _png(image: torch.Tensor) -> bytes:
 
 
 def latent_from_reply(
-    reply, preset: Preset | None, pixel_shape: Sequence[int], as_video: bool, one_frame: bool
+    reply: Reply, preset: Preset | None, pixel_shape: Sequence[int], as_video: bool, one_frame: bool
 ) -> torch.Tensor:
     """LATENT samples (float32) from an encode reply, checked against what the pixels encode to."""
-    tensor = reply.tensor()
     batch, height, width = pixel_shape[0], pixel_shape[1], pixel_shape[2]
-    if not tensor.is_floating_point():
-        raise UnexpectedReply(
-            f"it holds {protocol.dtype_name(tensor.dtype)} values where a float latent was expected"
-        )
-    if preset is not None:
+    if preset is None:
+        tensor = reply.tensor()
+        if tensor.ndim not in (4, 5) or tensor.shape[0] != batch:
+            raise reply.unexpected(
+                f"but it holds {list(tensor.shape)}, not a latent batch of {batch} for {list(pixel_shape)} "
+                "pixels (for a video model pick its preset: the frames are then sent as one video)",
+                SAME_MODEL,
+            )
+    else:
         s = preset.spatial_compression
         channels = preset.latent_channels
         if as_video:
-            want = (1, channels, preset.latent_frames_for(batch), height // s, width // s)
+            want = [1, channels, preset.latent_frames_for(batch), height // s, width // s]
         elif one_frame:
-            want = (batch, channels, 1, height // s, width // s)
+            want = [batch, channels, 1, height // s, width // s]
         else:
-            want = (batch, channels, height // s, width // s)
-        if tuple(tensor.shape) != want:
-            raise UnexpectedReply(
-                f"it holds a latent of shape {list(tensor.shape)} where {list(pixel_shape)} pixels encode to "
-                f"{list(want)} with preset {preset.name}"
-            )
-    elif tensor.ndim not in (4, 5) or tensor.shape[0] != batch:
-        raise UnexpectedReply(
-            f"it holds {list(tensor.shape)}, not a latent batch of {batch} for {list(pixel_shape)} pixels "
-            "(for a video model pick its preset: the frames are then sent as one video)"
+            want = [batch, channels, height // s, width // s]
+        meaning = f"{list(pixel_shape)} pixels encode to {want} with preset {preset.name}"
+        tensor = reply.tensor(want, meaning=meaning, hint=SAME_MODEL)
+    if not tensor.is_floating_point():
+        raise reply.unexpected(
+            f"but it holds {protocol.dtype_name(tensor.dtype)} values where a float latent was expected",
+            SAME_MODEL,
         )
     return tensor.float()

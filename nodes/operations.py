@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from ..remote import client
+from ..remote import protocol
+from ..remote.errors import RemoteVAECancelled, RemoteVAEError
 from ..remote.presets import PRESETS, Preset
+from ..remote.reply import Reply, Transfer
+from ..remote.sending import send
 from . import comfy_runtime
-from .batching import MAX_PARALLEL, PIXEL_BUDGET, plan_chunks, run_in_order
-from .choices import DEFAULT_TIMEOUT, DEFAULT_TOKEN_ENV, MIN_TIMEOUT, TRANSFER_DECODE, TRANSFER_ENCODE
+from .choices import (
+    AUTO,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOKEN_ENV,
+    MIN_TIMEOUT,
+    TRANSFER_DECODE,
+    TRANSFER_ENCODE,
+    TRANSFER_VIDEO,
+    TransferMode,
+)
+from .chunking import MAX_PARALLEL, PIXEL_BUDGET, plan_chunks, run_in_order
 from .convert import (
-    UnexpectedReply,
     crop_pixels,
     decode_request,
     decoded_size,
@@ -42,13 +54,39 @@ CONNECT_TIMEOUT = 10.0
 SMALLEST_COMPRESSION = min(p.spatial_compression for p in PRESETS.values())
 
 
+@dataclass(frozen=True)
+class NodeRequest:
+    """What the node's widgets ask for: the model, where it runs, the transfer form and the timeout."""
+
+    preset: str = AUTO
+    endpoint: str = ""
+    transfer: TransferMode = "lossless"
+    timeout: int = DEFAULT_TIMEOUT
+    token_env: str | None = DEFAULT_TOKEN_ENV
+    video_only: bool = False  # Remote Video Decode: video latents only, and no JPEG
+
+    @property
+    def has_endpoint(self) -> bool:
+        return bool((self.endpoint or "").strip())
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes: its node (progress bar, events), the request size, parallelism and the Cancel check."""
+
+    node_id: str | None = None
+    pixel_budget: int = PIXEL_BUDGET
+    parallel: int = MAX_PARALLEL
+    interrupted: Callable[[], bool] = comfy_runtime.interrupted
+
+
 @dataclass
 class Outcome:
     """A finished remote run: the tensor, one Transfer per request, and the wall time."""
 
     value: torch.Tensor
-    transfers: list = field(default_factory=list)
-    seconds: float = 0.0
+    transfers: list[Transfer]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -60,8 +98,17 @@ class Connection:
     token_env: str | None = DEFAULT_TOKEN_ENV
     interrupted: Callable[[], bool] = comfy_runtime.interrupted
 
-    def send(self, wire, stop: threading.Event):
-        return client.send(
+    @classmethod
+    def for_request(
+        cls, request: NodeRequest, preset: Preset | None, operation: protocol.Operation, run: RunOptions
+    ) -> Connection:
+        if request.timeout < MIN_TIMEOUT:
+            raise NodeInputError(f"timeout {request.timeout} s is below the minimum of {MIN_TIMEOUT} s")
+        url = endpoint_url(request.endpoint, preset, operation)
+        return cls(url, request.timeout, token_variable(request.token_env), run.interrupted)
+
+    def send(self, wire: protocol.WireRequest, stop: threading.Event) -> Reply:
+        return send(
             self.url,
             wire,
             timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
@@ -70,108 +117,76 @@ class Connection:
         )
 
 
-def _unexpected(err: UnexpectedReply, reply) -> client.RemoteVAEError:
-    """A reply that parsed but holds the wrong thing, as the client's error (so the fallback applies)."""
-    status = reply.transfer.status
-    return client.RemoteVAEError(
-        reply.transfer.endpoint,
-        f"answered {status} but {err}",
-        status=status,
-        hint="check that the endpoint URL and the preset name the same model",
-    )
+Job = Callable[[threading.Event], "tuple[torch.Tensor, Transfer]"]
 
 
-def _connect(
-    endpoint: str, preset: Preset | None, operation: str, timeout: int, token_env, interrupted
-) -> Connection:
-    if timeout < MIN_TIMEOUT:
-        raise NodeInputError(f"timeout {timeout} s is below the minimum of {MIN_TIMEOUT} s")
-    return Connection(
-        endpoint_url(endpoint, preset, operation), timeout, token_variable(token_env), interrupted
-    )
+def _job(
+    conn: Connection, build: Callable[[], protocol.WireRequest], read: Callable[[Reply], torch.Tensor]
+) -> Job:
+    """One request: its body is built on the worker thread, and `read` checks and converts the reply."""
+
+    def job(stop: threading.Event) -> tuple[torch.Tensor, Transfer]:
+        reply = conn.send(build(), stop)
+        return read(reply), reply.transfer
+
+    return job
 
 
-def _check_transfer(transfer: str, allowed: tuple[str, ...]) -> None:
+def _run(jobs: Sequence[Job], run: RunOptions) -> Outcome:
+    bar = comfy_runtime.progress_bar(len(jobs), run.node_id)
+    started = time.perf_counter()
+    results = run_in_order(jobs, parallel=run.parallel, on_done=lambda: bar.update(1))
+    seconds = time.perf_counter() - started
+    return Outcome(torch.cat([value for value, _ in results]), [t for _, t in results], seconds)
+
+
+def _check_transfer(transfer: str, allowed: tuple[TransferMode, ...]) -> None:
     if transfer not in allowed:
         raise NodeInputError(f"transfer {transfer!r} is not one of {', '.join(allowed)}")
-
-
-def _run(jobs, node_id: str | None, parallel: int) -> tuple[list, float]:
-    bar = comfy_runtime.progress_bar(len(jobs), node_id)
-    started = time.perf_counter()
-    results = run_in_order(jobs, parallel=parallel, on_done=lambda: bar.update(1))
-    return results, time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------- decode
 
 
-def decode_latent(
-    samples: torch.Tensor,
-    *,
-    preset: str = "auto",
-    endpoint: str = "",
-    transfer: str = "lossless",
-    timeout: int = DEFAULT_TIMEOUT,
-    token_env: str | None = DEFAULT_TOKEN_ENV,
-    video_only: bool = False,
-    transfers: tuple[str, ...] = TRANSFER_DECODE,
-    node_id: str | None = None,
-    pixel_budget: int = PIXEL_BUDGET,
-    parallel: int = MAX_PARALLEL,
-    interrupted: Callable[[], bool] = comfy_runtime.interrupted,
-) -> Outcome:
+def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions = RunOptions()) -> Outcome:
     """Decode raw LATENT samples remotely into IMAGE frames [B*F,H,W,3], exactly as VAEDecode would."""
     shape = list(samples.shape)
-    _check_transfer(transfer, transfers)
-    chosen = decode_preset(preset, shape, has_endpoint=bool((endpoint or "").strip()), video_only=video_only)
+    transfer = request.transfer
+    _check_transfer(transfer, TRANSFER_VIDEO if request.video_only else TRANSFER_DECODE)
+    chosen = decode_preset(
+        request.preset, shape, has_endpoint=request.has_endpoint, video_only=request.video_only
+    )
     if transfer == "compact" and len(shape) == 5:
         raise NodeInputError(
             "transfer 'compact' (JPEG) needs image latents [B,C,H,W]; pick lossless or exact for 5-D latents"
         )
-    conn = _connect(endpoint, chosen, "decode", timeout, token_env, interrupted)
+    conn = Connection.for_request(request, chosen, "decode", run)
     _, height, width = decoded_size(chosen, shape)
     one_per_request = len(shape) == 5 or transfer == "compact"
-    chunks = plan_chunks(shape[0], height * width, pixel_budget, max_items=1 if one_per_request else None)
-    jobs = [_decode_job(conn, samples[chunk], transfer, chosen) for chunk in chunks]
-    results, seconds = _run(jobs, node_id, parallel)
-    images = torch.cat([image for image, _ in results])
-    return Outcome(images, [t for _, t in results], seconds)
-
-
-def _decode_job(conn: Connection, latent: torch.Tensor, transfer: str, preset: Preset):
-    def job(stop: threading.Event):
-        reply = conn.send(decode_request(latent, transfer), stop)
-        try:
-            return image_from_reply(reply, transfer, preset, list(latent.shape)), reply.transfer
-        except UnexpectedReply as err:
-            raise _unexpected(err, reply) from None
-
-    return job
+    chunks = plan_chunks(shape[0], height * width, run.pixel_budget, max_items=1 if one_per_request else None)
+    parts = [samples[chunk] for chunk in chunks]
+    jobs = [
+        _job(
+            conn,
+            partial(decode_request, part, transfer),
+            partial(image_from_reply, transfer=transfer, preset=chosen, latent_shape=list(part.shape)),
+        )
+        for part in parts
+    ]
+    return _run(jobs, run)
 
 
 # --------------------------------------------------------------------------- encode
 
 
-def encode_image(
-    pixels: torch.Tensor,
-    *,
-    preset: str = "auto",
-    endpoint: str = "",
-    transfer: str = "lossless",
-    timeout: int = DEFAULT_TIMEOUT,
-    token_env: str | None = DEFAULT_TOKEN_ENV,
-    node_id: str | None = None,
-    pixel_budget: int = PIXEL_BUDGET,
-    parallel: int = MAX_PARALLEL,
-    interrupted: Callable[[], bool] = comfy_runtime.interrupted,
-) -> Outcome:
+def encode_image(pixels: torch.Tensor, request: NodeRequest, run: RunOptions = RunOptions()) -> Outcome:
     """Encode IMAGE pixels remotely into raw LATENT samples (the posterior mode), as VAEEncode would."""
     if pixels.ndim != 4 or pixels.shape[-1] < 3:
         raise NodeInputError(f"IMAGE of shape {list(pixels.shape)} is not [B,H,W,3] (or 4 with alpha)")
+    transfer = request.transfer
     _check_transfer(transfer, TRANSFER_ENCODE)
-    chosen = encode_preset(preset, has_endpoint=bool((endpoint or "").strip()))
-    conn = _connect(endpoint, chosen, "encode", timeout, token_env, interrupted)
+    chosen = encode_preset(request.preset, has_endpoint=request.has_endpoint)
+    conn = Connection.for_request(request, chosen, "encode", run)
     multiple = chosen.spatial_compression if chosen else SMALLEST_COMPRESSION
     pixels = crop_pixels(pixels[:, :, :, :3], multiple)
     if pixels.shape[1] == 0 or pixels.shape[2] == 0:
@@ -179,39 +194,30 @@ def encode_image(
             f"the image is smaller than {multiple} pixels, the VAE's compression: nothing to encode"
         )
     as_video = frames_are_time(chosen)
-    one_frame = chosen is not None and chosen.is_video and not as_video
+    one_frame = chosen is not None and chosen.still_image
     as_png = transfer == "lossless" and is_hugging_face(conn.url) and not as_video
     batch, height, width = pixels.shape[0], pixels.shape[1], pixels.shape[2]
     if as_video:
         chunks = [slice(0, batch)]
     else:
         one_each = one_frame or as_png
-        chunks = plan_chunks(batch, height * width, pixel_budget, max_items=1 if one_each else None)
+        chunks = plan_chunks(batch, height * width, run.pixel_budget, max_items=1 if one_each else None)
+    parts = [pixels[chunk] for chunk in chunks]
     jobs = [
-        _encode_job(conn, pixels[chunk], transfer, chosen, as_video, one_frame, as_png) for chunk in chunks
+        _job(
+            conn,
+            partial(encode_request, part, transfer, as_video, as_png),
+            partial(
+                latent_from_reply,
+                preset=chosen,
+                pixel_shape=list(part.shape),
+                as_video=as_video,
+                one_frame=one_frame,
+            ),
+        )
+        for part in parts
     ]
-    results, seconds = _run(jobs, node_id, parallel)
-    latent = torch.cat([latent for latent, _ in results])
-    return Outcome(latent, [t for _, t in results], seconds)
-
-
-def _encode_job(
-    conn: Connection,
-    pixels: torch.Tensor,
-    transfer: str,
-    preset,
-    as_video: bool,
-    one_frame: bool,
-    as_png: bool,
-):
-    def job(stop: threading.Event):
-        reply = conn.send(encode_request(pixels, transfer, as_video, as_png), stop)
-        try:
-            return latent_from_reply(reply, preset, list(pixels.shape), as_video, one_frame), reply.transfer
-        except UnexpectedReply as err:
-            raise _unexpected(err, reply) from None
-
-    return job
+    return _run(jobs, run)
 
 
 # --------------------------------------------------------------------------- what the nodes call
@@ -229,10 +235,10 @@ def run_node(
     Input errors (preset, endpoint, transfer) are raised as they are: a fallback would hide them."""
     try:
         outcome = remote()
-    except client.RemoteVAECancelled:
+    except RemoteVAECancelled:
         comfy_runtime.raise_interrupt()
         raise
-    except client.RemoteVAEError as err:
+    except RemoteVAEError as err:
         if local is None:
             raise
         report_warning(node_id, f"Remote VAE {what} failed, used the connected VAE locally instead: {err}")
@@ -241,22 +247,22 @@ def run_node(
     return outcome.value
 
 
-def decode_node(node_id: str | None, samples: dict, vae, **widgets) -> torch.Tensor:
+def decode_node(node_id: str | None, samples: dict, vae, request: NodeRequest) -> torch.Tensor:
     """RemoteVAEDecode / RemoteVideoDecode: LATENT dict -> IMAGE (other LATENT keys do not matter here)."""
     latent = samples["samples"]
     return run_node(
         node_id,
-        lambda: decode_latent(latent, node_id=node_id, **widgets),
+        lambda: decode_latent(latent, request, RunOptions(node_id=node_id)),
         None if vae is None else lambda: local_decode(vae, latent),
         "decode",
     )
 
 
-def encode_node(node_id: str | None, pixels: torch.Tensor, vae, **widgets) -> dict:
+def encode_node(node_id: str | None, pixels: torch.Tensor, vae, request: NodeRequest) -> dict:
     """RemoteVAEEncode: IMAGE -> LATENT dict."""
     latent = run_node(
         node_id,
-        lambda: encode_image(pixels, node_id=node_id, **widgets),
+        lambda: encode_image(pixels, request, RunOptions(node_id=node_id)),
         None if vae is None else lambda: local_encode(vae, pixels),
         "encode",
     )

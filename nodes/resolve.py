@@ -6,7 +6,6 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from ..remote.endpoints import split_endpoints
 from ..remote.presets import (
     PRESETS,
     Preset,
@@ -16,7 +15,8 @@ from ..remote.presets import (
     detect_preset,
     get_preset,
 )
-from .choices import AUTO, is_video_model
+from ..remote.sending import split_endpoints
+from .choices import AUTO
 
 SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
 HF_HOST_SUFFIX = ".endpoints.huggingface.cloud"
@@ -121,4 +121,4 @@ def token_variable(token_env: str | None) -> str | None:
 
 def frames_are_time(preset: Preset | None) -> bool:
     """Whether an IMAGE batch is encoded as the frames of one video (video VAEs, like ComfyUI)."""
-    return preset is not None and is_video_model(preset)
+    return preset is not None and preset.is_video_model

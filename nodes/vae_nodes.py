@@ -59,51 +59,44 @@ DECODE_TRANSFER_TIP = (
 ENCODE_TRANSFER_TIP = "lossless: 8-bit pixels; exact: float32 pixels (for images that are not 8-bit)."
 
 
-class RemoteVAEDecode:
-    """LATENT -> IMAGE on a remote VAE server; the same pixels as VAEDecode with the same weights."""
+class _RemoteNode:
+    """What the three nodes share: category, widgets and inputs; each names its tensor input."""
 
-    DESCRIPTION = "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The decoded images (video latents: their frames).",)
-    FUNCTION = "decode"
+    TENSOR_INPUT: tuple[str, str, str]  # name, ComfyUI type, tooltip
+    TRANSFERS: tuple[str, ...]
+    TRANSFER_TIP: str
     VIDEO_ONLY = False
-    TRANSFERS = TRANSFER_DECODE
 
     @classmethod
     def INPUT_TYPES(cls):
-        required = {"samples": ("LATENT", {"tooltip": "The latent to decode."})}
-        required.update(
-            _connection_inputs(cls.TRANSFERS, preset_choices(cls.VIDEO_ONLY), DECODE_TRANSFER_TIP)
-        )
+        name, kind, tip = cls.TENSOR_INPUT
+        required = {name: (kind, {"tooltip": tip})}
+        required.update(_connection_inputs(cls.TRANSFERS, preset_choices(cls.VIDEO_ONLY), cls.TRANSFER_TIP))
         return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
 
-    def decode(
-        self,
-        samples,
-        preset,
-        endpoint,
-        transfer,
-        timeout,
-        vae=None,
-        token_env=DEFAULT_TOKEN_ENV,
-        unique_id=None,
-    ):
+    def _request(self, preset, endpoint, transfer, timeout, token_env):
+        from .operations import NodeRequest
+
+        return NodeRequest(preset, endpoint, transfer, timeout, token_env, video_only=self.VIDEO_ONLY)
+
+
+class RemoteVAEDecode(_RemoteNode):
+    """LATENT -> IMAGE on a remote VAE server; the same pixels as VAEDecode with the same weights."""
+
+    DESCRIPTION = "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images (video latents: their frames).",)
+    FUNCTION = "decode"
+    TENSOR_INPUT = ("samples", "LATENT", "The latent to decode.")
+    TRANSFERS = TRANSFER_DECODE
+    TRANSFER_TIP = DECODE_TRANSFER_TIP
+
+    def decode(self, samples, preset, endpoint, transfer, timeout, vae=None, token_env=DEFAULT_TOKEN_ENV, unique_id=None):  # fmt: skip
         from .operations import decode_node
 
-        images = decode_node(
-            unique_id,
-            samples,
-            vae,
-            preset=preset,
-            endpoint=endpoint,
-            transfer=transfer,
-            timeout=timeout,
-            token_env=token_env,
-            video_only=self.VIDEO_ONLY,
-            transfers=self.TRANSFERS,
-        )
-        return (images,)
+        request = self._request(preset, endpoint, transfer, timeout, token_env)
+        return (decode_node(unique_id, samples, vae, request),)
 
 
 class RemoteVideoDecode(RemoteVAEDecode):
@@ -115,47 +108,22 @@ class RemoteVideoDecode(RemoteVAEDecode):
     TRANSFERS = TRANSFER_VIDEO
 
 
-class RemoteVAEEncode:
+class RemoteVAEEncode(_RemoteNode):
     """IMAGE -> LATENT on a remote VAE server; the same latents as VAEEncode with the same weights."""
 
     DESCRIPTION = "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The raw latents (posterior mode), as VAEEncode gives them.",)
     FUNCTION = "encode"
+    TENSOR_INPUT = ("pixels", "IMAGE", "The images to encode (a video VAE: the frames of one video).")
+    TRANSFERS = TRANSFER_ENCODE
+    TRANSFER_TIP = ENCODE_TRANSFER_TIP
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        required = {
-            "pixels": ("IMAGE", {"tooltip": "The images to encode (a video VAE: the frames of one video)."})
-        }
-        required.update(_connection_inputs(TRANSFER_ENCODE, preset_choices(), ENCODE_TRANSFER_TIP))
-        return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
-
-    def encode(
-        self,
-        pixels,
-        preset,
-        endpoint,
-        transfer,
-        timeout,
-        vae=None,
-        token_env=DEFAULT_TOKEN_ENV,
-        unique_id=None,
-    ):
+    def encode(self, pixels, preset, endpoint, transfer, timeout, vae=None, token_env=DEFAULT_TOKEN_ENV, unique_id=None):  # fmt: skip
         from .operations import encode_node
 
-        latent = encode_node(
-            unique_id,
-            pixels,
-            vae,
-            preset=preset,
-            endpoint=endpoint,
-            transfer=transfer,
-            timeout=timeout,
-            token_env=token_env,
-        )
-        return (latent,)
+        request = self._request(preset, endpoint, transfer, timeout, token_env)
+        return (encode_node(unique_id, pixels, vae, request),)
 
 
 NODE_CLASS_MAPPINGS = {

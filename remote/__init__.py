@@ -1,31 +1,8 @@
 """remote-vae's client library: the wire codec, the preset table and the HTTP client."""
 
-from .client import (
-    RemoteVAECancelled,
-    RemoteVAEError,
-    RemoteVAETimeout,
-    Reply,
-    Transfer,
-    remote_decode,
-    remote_encode,
-    send,
-)
+from . import client
+from .client import *  # noqa: F403 - the public API: remote_decode, remote_encode, send, errors, Reply
 from .presets import PRESETS, Preset, PresetError, detect_preset, get_preset
 from .protocol import ProtocolError
 
-__all__ = [
-    "PRESETS",
-    "Preset",
-    "PresetError",
-    "ProtocolError",
-    "RemoteVAECancelled",
-    "RemoteVAEError",
-    "RemoteVAETimeout",
-    "Reply",
-    "Transfer",
-    "detect_preset",
-    "get_preset",
-    "remote_decode",
-    "remote_encode",
-    "send",
-]
+__all__ = [*client.__all__, "PRESETS", "Preset", "PresetError", "ProtocolError", "detect_preset", "get_preset"]

@@ -1,7 +1,7 @@
 """The model preset table: one row per VAE family. Data, not code paths.
 
 Values follow ComfyUI's `comfy/latent_formats.py` (scale/shift, per-channel mean/std) and the
-Hugging Face hybrid-inference endpoints (`shared/reference/hf-protocol.md` section 5).
+Hugging Face hybrid-inference endpoints (docs/protocol.md).
 Adding a model is adding a row here plus a test.
 """
 
@@ -75,6 +75,8 @@ class Preset:
     safe_dtypes: tuple[str, ...] = ("bfloat16", "float32")  # first: default on GPU
     fps: int = 24
     packed: bool = False  # accepts Flux-style 2x2 packed 3-D latents
+    # An image model with a video VAE: [B,C,1,H,W] latents of one latent frame, each one image.
+    still_image: bool = False
     # Peak activation memory, in elements (x dtype size = bytes), after ComfyUI's `comfy/sd.py` estimates:
     # decode per latent pixel (per latent frame when `decode_memory_per_frame`), encode per input pixel.
     decode_memory: float = 2178 * 64
@@ -85,6 +87,11 @@ class Preset:
     @property
     def is_video(self) -> bool:
         return self.dims == 3
+
+    @property
+    def is_video_model(self) -> bool:
+        """A model of videos: an IMAGE batch is the frames of one video (not so for `still_image`)."""
+        return self.is_video and not self.still_image
 
     @property
     def uses_mean_std(self) -> bool:
@@ -308,6 +315,7 @@ PRESETS: dict[str, Preset] = {
             decode_memory=2200 * 64,
             encode_memory=1767 * 2,
             safe_dtypes=("bfloat16", "float32"),
+            still_image=True,
             note="Image model with a Wan-style VAE: latents are [B,16,1,H/8,W/8].",
         ),
     )
@@ -346,9 +354,9 @@ def detect_preset(shape: Sequence[int]) -> Preset:
             f"no preset fits a latent of shape {shape}; "
             + "; ".join(f"{p.name}: {_layout(p)}" for p in PRESETS.values())
         )
-    # Qwen-Image latents carry a single latent frame; video models more than one.
+    # Still-image latents carry a single latent frame; video models more than one.
     if len(shape) == 5 and shape[2] > 1:
-        video = [p for p in found if p.name != "qwen_image"]
+        video = [p for p in found if not p.still_image]
         if len(video) == 1:
             return video[0]
         found = video

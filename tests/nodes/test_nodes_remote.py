@@ -16,6 +16,7 @@ import torch
 from remote_vae.local_server.parity import behaving_like
 from remote_vae.nodes import operations
 from remote_vae.nodes.convert import crop_pixels
+from remote_vae.nodes.operations import NodeRequest, RunOptions
 from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
 from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
@@ -129,11 +130,8 @@ def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(serve
     samples = latent(5, 4, 4, 4, seed=5)
     outcome = operations.decode_latent(
         samples,
-        preset="sd15",
-        endpoint=f"{server}/sd15",
-        transfer="exact",
-        pixel_budget=2 * 32 * 32,
-        parallel=3,
+        NodeRequest(preset="sd15", endpoint=f"{server}/sd15", transfer="exact"),
+        RunOptions(pixel_budget=2 * 32 * 32, parallel=3),
     )
     assert len(outcome.transfers) == 3  # 2 + 2 + 1 images under a budget of two 32x32 images
     assert [t.bytes_sent for t in outcome.transfers] == [2 * 256, 2 * 256, 256]  # 4x4x4 float32 latents
@@ -148,7 +146,7 @@ def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(serve
 def test_video_decode_returns_every_frame_of_every_video_in_order(server, models, preset, transfer):
     samples = latent(2, 16, 2, 3, 4, seed=6)  # two videos of 2 latent frames -> 5 frames each
     outcome = operations.decode_latent(
-        samples, preset=preset, endpoint=f"{server}/{preset}", transfer=transfer, video_only=True
+        samples, NodeRequest(preset=preset, endpoint=f"{server}/{preset}", transfer=transfer, video_only=True)
     )
     assert len(outcome.transfers) == 2  # one request per video
     expected = torch.cat([reference_images(models[preset], samples[i : i + 1]) for i in range(2)])
@@ -225,7 +223,9 @@ def test_encode_exact_keeps_values_that_are_not_8_bit(server, models):
 def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
     image = pixels(3, 16, 24, 3, seed=10)
     outcome = operations.encode_image(
-        image, preset="auto", endpoint=f"{server}/sdxl", transfer="lossless", pixel_budget=16 * 24
+        image,
+        NodeRequest(preset="auto", endpoint=f"{server}/sdxl", transfer="lossless"),
+        RunOptions(pixel_budget=16 * 24),
     )
     assert len(outcome.transfers) == 3
     torch.testing.assert_close(
@@ -281,7 +281,7 @@ def test_server_rejection_without_fallback(server):
 def test_connection_refused_says_whether_the_server_runs():
     with pytest.raises(RemoteVAEError, match="refused the connection.*is the server running at"):
         operations.decode_latent(
-            latent(1, 4, 4, 4), preset="sd15", endpoint=stub_servers.refused_url() + "sd15"
+            latent(1, 4, 4, 4), NodeRequest(preset="sd15", endpoint=stub_servers.refused_url() + "sd15")
         )
 
 
@@ -364,8 +364,8 @@ def test_cancel_ends_a_stalled_request_and_a_parallel_batch():
             operations.run_node(
                 "5",
                 lambda: operations.decode_latent(
-                    latent(4, 4, 4, 4), preset="sd15", endpoint=stub.url, transfer="lossless", timeout=300,
-                    pixel_budget=32 * 32, interrupted=lambda: bool(stub.requests),  # Cancel once one is in flight
+                    latent(4, 4, 4, 4), NodeRequest(preset="sd15", endpoint=stub.url, transfer="lossless", timeout=300),
+                    RunOptions(pixel_budget=32 * 32, interrupted=lambda: bool(stub.requests)),  # Cancel once one is in flight
                 ),
                 lambda: pytest.fail("a cancelled run must not fall back"),
                 "decode",

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from remote_vae.nodes import comfy_runtime, convert, resolve, ui_events
-from remote_vae.nodes.batching import plan_chunks, run_in_order
+from remote_vae.nodes.chunking import plan_chunks, run_in_order
 from remote_vae.remote import protocol
-from remote_vae.remote.client import Transfer
+from remote_vae.remote.errors import RemoteVAEError
 from remote_vae.remote.presets import PRESETS, PresetError
+from remote_vae.remote.reply import Reply, Transfer
 
-# --------------------------------------------------------------------------- batching
+# --------------------------------------------------------------------------- chunking
 
 
 def test_plan_chunks_respects_the_pixel_budget():
@@ -240,8 +240,11 @@ def test_crop_pixels_centres_like_comfyui():
     assert convert.crop_pixels(pixels[:, :32, :40], 8).shape == (1, 32, 40, 3)
 
 
-def _reply(tensor: torch.Tensor, body: bytes = b"") -> SimpleNamespace:
-    return SimpleNamespace(body=body, tensor=lambda: tensor)
+def _reply(tensor: torch.Tensor | None, body: bytes = b"") -> Reply:
+    headers = {}
+    if tensor is not None:
+        body, headers = protocol.tensor_response(tensor)
+    return Reply(body, headers, Transfer("http://h:8190/sd15", 200, 0, len(body), 0.0, 1))
 
 
 def test_image_from_reply_layouts():
@@ -263,18 +266,18 @@ def test_image_from_reply_layouts():
 def test_image_from_reply_refuses_what_does_not_fit():
     sd15 = PRESETS["sd15"]
     with pytest.raises(
-        convert.UnexpectedReply,
+        RemoteVAEError,
         match=r"it holds \[1, 3, 8, 8\] float32 where a latent of shape "
         r"\[1, 4, 2, 2\] decodes to \[1, 3, 16, 16\] float with preset sd15",
     ):
         convert.image_from_reply(_reply(torch.zeros(1, 3, 8, 8)), "exact", sd15, [1, 4, 2, 2])
-    with pytest.raises(convert.UnexpectedReply, match=r"decodes to \[1, 16, 16, 3\] uint8"):
+    with pytest.raises(RemoteVAEError, match=r"decodes to \[1, 16, 16, 3\] uint8"):
         convert.image_from_reply(_reply(torch.zeros(1, 16, 16, 3)), "lossless", sd15, [1, 4, 2, 2])
-    with pytest.raises(convert.UnexpectedReply, match="it holds uint8 values where floats were asked for"):
+    with pytest.raises(RemoteVAEError, match="it holds uint8 values where floats were asked for"):
         convert.image_from_reply(
             _reply(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)), "exact", sd15, [1, 4, 2, 2]
         )
-    with pytest.raises(convert.UnexpectedReply, match=r"not a readable JPEG image \(5 bytes\)"):
+    with pytest.raises(RemoteVAEError, match=r"not a readable JPEG image \(5 bytes\)"):
         convert.image_from_reply(_reply(None, b"hello"), "compact", sd15, [1, 4, 2, 2])
 
 
@@ -290,7 +293,7 @@ def test_image_from_jpeg():
     )
     assert image.shape == (1, 8, 16, 3)
     assert torch.allclose(image[0, 0, 0], torch.tensor([1.0, 0.0, 0.5]), atol=3 / 255)
-    with pytest.raises(convert.UnexpectedReply, match="it is a 16x8 image where the latent decodes to 16x16"):
+    with pytest.raises(RemoteVAEError, match="it is a 16x8 image where the latent decodes to 16x16"):
         convert.image_from_reply(_reply(None, buffer.getvalue()), "compact", PRESETS["sd15"], [1, 4, 2, 2])
 
 
@@ -306,17 +309,17 @@ def test_latent_from_reply():
     still = convert.latent_from_reply(_reply(torch.zeros(1, 16, 1, 2, 2)), qwen, [1, 16, 16, 3], False, True)
     assert still.shape == (1, 16, 1, 2, 2)
     with pytest.raises(
-        convert.UnexpectedReply, match=r"where \[2, 16, 24, 3\] pixels encode to \[2, 4, 2, 3\]"
+        RemoteVAEError, match=r"where \[2, 16, 24, 3\] pixels encode to \[2, 4, 2, 3\]"
     ):
         convert.latent_from_reply(_reply(torch.zeros(2, 16, 2, 3)), sd15, [2, 16, 24, 3], False, False)
-    with pytest.raises(convert.UnexpectedReply, match="where a float latent was expected"):
+    with pytest.raises(RemoteVAEError, match="where a float latent was expected"):
         convert.latent_from_reply(
             _reply(torch.zeros(2, 4, 2, 3, dtype=torch.uint8)), sd15, [2, 16, 24, 3], False, False
         )
     # no preset ("auto" with a URL): any latent batch of the right size
     anything = convert.latent_from_reply(_reply(torch.zeros(2, 7, 2, 3)), None, [2, 16, 24, 3], False, False)
     assert anything.shape == (2, 7, 2, 3)
-    with pytest.raises(convert.UnexpectedReply, match="not a latent batch of 2.*pick its preset"):
+    with pytest.raises(RemoteVAEError, match="not a latent batch of 2.*pick its preset"):
         convert.latent_from_reply(_reply(torch.zeros(1, 16, 1, 2, 3)), None, [2, 16, 24, 3], False, False)
 
 

@@ -27,11 +27,12 @@ from remote_vae.remote import (
     RemoteVAETimeout,
     Reply,
     Transfer,
-    client,
+    errors,
     protocol,
     remote_decode,
     remote_encode,
     send,
+    transport,
 )
 from support.stub_servers import (
     Canned,
@@ -88,7 +89,7 @@ def test_retries_until_the_server_recovers():
     assert all(r.body == stub.requests[0].body for r in stub.requests)  # the same body every attempt
 
 
-@pytest.mark.parametrize("status", sorted(client.RETRY_STATUSES))
+@pytest.mark.parametrize("status", sorted(transport.RETRY_STATUSES))
 def test_every_retryable_status_is_retried(status):
     with flaky(1, json_error(status, "transient"), OK) as stub:
         assert send(stub.url, pt_wire(), retries=1, **FAST).transfer.attempts == 2
@@ -133,23 +134,23 @@ def test_retry_after_too_early_exhausts_the_retries():
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(None, None), ("", None), ("3", 3.0), ("0.25", 0.25), ("-5", 0.0), ("86400", client.MAX_RETRY_AFTER),
+    [(None, None), ("", None), ("3", 3.0), ("0.25", 0.25), ("-5", 0.0), ("86400", transport.MAX_RETRY_AFTER),
      ("soon", None), ("nan", None)],
 )  # fmt: skip
 def test_retry_after_seconds(value, seconds):
-    assert client.retry_after_seconds(value) == seconds
+    assert transport.retry_after_seconds(value) == seconds
 
 
 def test_retry_after_http_date():
     future = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
-    assert 20 < client.retry_after_seconds(future) <= 30
-    assert client.retry_after_seconds(past) == 0.0
+    assert 20 < transport.retry_after_seconds(future) <= 30
+    assert transport.retry_after_seconds(past) == 0.0
 
 
 def test_backoff_doubles_and_is_capped():
-    assert [client.backoff_seconds(0.5, n) for n in range(4)] == [0.5, 1.0, 2.0, 4.0]
-    assert client.backoff_seconds(0.5, 20) == client.MAX_BACKOFF
+    assert [transport.backoff_seconds(0.5, n) for n in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert transport.backoff_seconds(0.5, 20) == transport.MAX_BACKOFF
 
 
 def test_cut_off_answer_is_retried_then_reported():
@@ -186,6 +187,15 @@ def test_connect_timeout_is_retried_then_raised():
     assert f"is the server running and reachable at {url.rstrip('/')}?" in str(info.value)
 
 
+def test_a_misspelt_option_is_a_type_error():
+    with recorder(OK) as stub:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'timout'; the options are: timeout, "):
+            remote_decode(stub.url, latent(), output_type="pt", return_type="pt", timout=5)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
+            send(stub.url, pt_wire(), tokn="x")
+    assert stub.requests == []
+
+
 @pytest.mark.parametrize("timeout", [0, -1, (1, 0), (None, 5)])
 def test_timeouts_must_be_positive(timeout):
     with pytest.raises(ValueError, match="must be positive"):
@@ -193,9 +203,9 @@ def test_timeouts_must_be_positive(timeout):
 
 
 def test_cold_start_timeout_lengthens_the_read_timeout():
-    assert client._split_timeout((3, 5), 120) == (3.0, 120.0)
-    assert client._split_timeout(7, None) == (7.0, 7.0)
-    assert client._split_timeout((3, 500), 120) == (3.0, 500.0)
+    assert transport.split_timeout((3, 5), 120) == (3.0, 120.0)
+    assert transport.split_timeout(7, None) == (7.0, 7.0)
+    assert transport.split_timeout((3, 500), 120) == (3.0, 500.0)
 
 
 def cancel_after(seconds: float):
@@ -295,14 +305,14 @@ def test_one_keep_alive_session_per_thread():
         send(stub.url, pt_wire())
         other: list[requests.Session] = []
         worker = threading.Thread(
-            target=lambda: (send(stub.url, pt_wire()), other.append(client.thread_session()))
+            target=lambda: (send(stub.url, pt_wire()), other.append(transport.thread_session()))
         )
         worker.start()
         worker.join(timeout=30)
     first, second, third = stub.requests
     assert first.client_port == second.client_port  # the connection was reused
     assert third.client_port != first.client_port
-    assert other[0] is not client.thread_session()
+    assert other[0] is not transport.thread_session()
 
 
 def test_a_passed_session_is_used():
@@ -420,7 +430,7 @@ def test_long_text_errors_are_truncated():
     with recorder(text_answer(400, "<p>" + "x" * 5000 + "</p>")) as stub:
         with pytest.raises(RemoteVAEError) as info:
             send(stub.url, pt_wire())
-    assert len(info.value.server_message) == client.MAX_MESSAGE_CHARS
+    assert len(info.value.server_message) == errors.MAX_MESSAGE_CHARS
     assert info.value.server_message.endswith("…") and "<p>" not in str(info.value)
 
 
@@ -525,6 +535,30 @@ def test_expected_shape():
             )
         with pytest.raises(RemoteVAEError, match="expected \\[1, 4, 1, 1\\]"):
             remote_encode(stub.url, latent((1, 3, 8, 8)), expected_shape=[1, 4, 1, 1])
+
+
+def _reply(body: bytes, headers=()) -> Reply:
+    return Reply(body, dict(headers), Transfer("http://h:8190/sd15", 200, 0, len(body), 0.0, 1))
+
+
+def test_reply_checks_in_protocol_terms_and_in_the_callers():
+    pixels = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    reply = _reply(*protocol.tensor_response(pixels))
+    assert torch.equal(reply.tensor([1, 8, 8, 3], dtype=torch.uint8), pixels)
+    with pytest.raises(RemoteVAEError, match=r"answered 200 with a tensor of shape \[1, 8, 8, 3\], expected any shape float32"):
+        reply.tensor(dtype=torch.float32)
+    with pytest.raises(RemoteVAEError, match=r"but it holds uint8 values where floats were asked for \(hint: mine\)"):
+        reply.tensor(dtype="float", hint="mine")
+    with pytest.raises(RemoteVAEError, match=r"but it holds \[1, 8, 8, 3\] uint8 where 2 images were asked for"):
+        reply.tensor([2, 8, 8, 3], meaning="2 images were asked for")
+    png = _reply(image_bytes("PNG", size=(8, 6)))
+    assert png.image((8, 6)).format == "png"
+    with pytest.raises(RemoteVAEError, match=r"answered 200 with a 8x6 image, expected 16x16 \(hint: the server does not"):
+        png.image((16, 16))
+    with pytest.raises(RemoteVAEError, match=r"answered 200 but it is a 8x6 image where the latent decodes to 16x16"):
+        png.image((16, 16), meaning="the latent decodes to 16x16")
+    with pytest.raises(RemoteVAEError, match=r"not a readable JPEG image \(5 bytes\): .*; it starts b'hello'"):
+        _reply(b"hello").image(kind="a readable JPEG image")
 
 
 def test_partial_postprocess_answer_must_be_uint8_images():

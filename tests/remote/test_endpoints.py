@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from remote_vae.remote import protocol
-from remote_vae.remote.client import RemoteVAEError, send
-from remote_vae.remote.endpoints import EndpointPool, split_endpoints
+from remote_vae.remote.errors import RemoteVAEError
+from remote_vae.remote.sending import EndpointPool, send, split_endpoints
 from support.stub_servers import json_error, recorder, refused_url, serve, tensor_answer
 
 OK = tensor_answer(torch.zeros(1, 3, 8, 8, dtype=torch.float16))

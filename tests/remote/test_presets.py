@@ -197,6 +197,14 @@ def test_to_raw_is_hf_server_scaling():
     assert torch.allclose(flux.to_raw(z), z / 0.3611 + 0.1159, rtol=0, atol=1e-12)
 
 
+def test_still_image_marks_an_image_model_with_a_video_vae():
+    qwen, wan = PRESETS["qwen_image"], PRESETS["wan21"]
+    assert qwen.is_video and qwen.still_image and not qwen.is_video_model  # IMAGE batch: separate images
+    assert wan.is_video and not wan.still_image and wan.is_video_model  # IMAGE batch: one video's frames
+    assert [p.name for p in PRESETS.values() if p.still_image] == ["qwen_image"]
+    assert not any(p.still_image for p in PRESETS.values() if not p.is_video)
+
+
 def test_frames_for():
     assert PRESETS["hunyuan_video"].frames_for(3) == 9
     assert PRESETS["wan21"].frames_for(21) == 81

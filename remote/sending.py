@@ -1,4 +1,4 @@
-"""Several endpoints for one model: spread requests over them and fail over when one is down.
+"""Sending to one endpoint or several: spread requests over a model's servers, fail over when one is down.
 
 Requests go to the endpoint with the fewest requests outstanding from this process (ties: the one
 that failed longest ago, then the order given). An endpoint that fails to connect or answers a
@@ -7,13 +7,68 @@ retryable status is skipped for a short cool-down, and the request moves on to t
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import protocol
+from .errors import RemoteVAECancelled, RemoteVAEError, display_url
+from .reply import Reply
+from .transport import DEFAULT_RETRIES, RETRY_STATUSES, TransportOptions, check_options, send_one
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
+log = logging.getLogger(__name__)
 
 COOL_DOWN = 10.0  # seconds an endpoint that just failed is tried only when nothing else is left
+
+
+def send(
+    endpoint: str | Sequence[str], wire: protocol.WireRequest, **options: Unpack[TransportOptions]
+) -> Reply:
+    """POST `wire` to `endpoint` and return the 2xx reply; see `send_one` for retries and errors.
+
+    `endpoint` may name several servers hosting the same model (a list, or one string separated by
+    commas or spaces): each request goes to the one with the fewest requests outstanding, and when
+    it cannot be reached or answers a retryable status the request fails over to the next one.
+    """
+    check_options(options)
+    candidates = split_endpoints(endpoint)
+    if len(candidates) <= 1:
+        return send_one(candidates[0] if candidates else "", wire, **options)
+    retries = options.pop("retries", DEFAULT_RETRIES)
+    pool = pool_for(candidates)
+    tried: list[str] = []
+    failures: list[RemoteVAEError] = []
+    while (chosen := pool.acquire(exclude=tried)) is not None:
+        last = len(tried) == len(candidates) - 1
+        failed = False
+        try:
+            return send_one(chosen, wire, retries=retries if last else 0, **options)
+        except RemoteVAECancelled:
+            raise
+        except RemoteVAEError as exc:
+            if exc.status is not None and exc.status not in RETRY_STATUSES:
+                raise  # the request itself is wrong: another server would say the same
+            failed = True
+            tried.append(chosen)
+            failures.append(exc)
+            if not last:
+                log.warning("%s; failing over to the next endpoint", exc)
+        finally:
+            pool.release(chosen, failed=failed)
+    raise RemoteVAEError(
+        ", ".join(display_url(e) for e in candidates),
+        f"all {len(candidates)} endpoints failed: " + "; ".join(str(f) for f in failures),
+        status=failures[-1].status,
+        server_message=failures[-1].server_message,
+        hint="are the servers running and reachable?",
+    )
 
 
 def split_endpoints(endpoints: str | Sequence[str]) -> list[str]:
@@ -68,10 +123,6 @@ class EndpointPool:
             state.outstanding -= 1
             if failed:
                 state.failed_at = time.monotonic()
-
-    def outstanding(self, endpoint: str) -> int:
-        with self._lock:
-            return self._state[endpoint].outstanding
 
 
 _POOLS: dict[tuple[str, ...], EndpointPool] = {}

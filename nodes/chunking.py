@@ -1,4 +1,4 @@
-"""Splitting a batch into requests of bounded size and running them a few at a time, results in order."""
+"""Request chunking: a batch split into requests of bounded size, run a few at a time, results in order."""
 
 from __future__ import annotations
 
