@@ -361,3 +361,28 @@ def test_nan_output_is_logged(caplog):
         response = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
         assert torch.isnan(tensor_of(response)).any()
     assert "sd15 decode produced NaN/Inf values" in caplog.text
+
+
+def test_load_hint_is_added_unless_the_loaders_message_has_one(caplog):
+    def failing(error):
+        def loader(preset, source, *, device, dtype):
+            raise error
+
+        return loader
+
+    hint = "start with --model {spec}=/path"
+    cases = [
+        (ModelLoadError("offline"), "offline; start with --model alias:sd15=/path", False),
+        (ModelLoadError("offline; point at --model sd15=/x", has_hint=True), "offline; point at --model sd15=/x", False),
+        (OSError("disk gone"), "disk gone; start with --model alias:sd15=/path", True),  # unexpected: with traceback
+    ]
+    for error, ending, traceback in cases:
+        host = ModelRegistry(loader=DiffusersLoader(failing(error)), load_hint=hint)
+        host.add("alias", PRESETS["sd15"], device="cpu")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="remote_vae.server"):
+            host.preload()
+        hosted = host.get("alias")
+        assert hosted.state == "failed" and hosted.error.endswith(ending), hosted.error
+        assert ("Traceback" in caplog.text) is traceback
+        host.close()
