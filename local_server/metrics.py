@@ -83,15 +83,6 @@ class Metrics:
             state[-2] += value
             state[-1] += 1
 
-    def value(self, name: str, **labels: str) -> float:
-        """Current value of a counter or gauge (0 when never set); histogram: the observation count."""
-        metric = self._metrics[name]
-        with self._lock:
-            key = self._key(metric, labels)
-            if metric.kind == "histogram":
-                return metric.histograms.get(key, [0.0])[-1]
-            return metric.values.get(key, 0.0)
-
     def render(self) -> str:
         lines: list[str] = []
         with self._lock:

@@ -28,8 +28,6 @@ def test_metrics_render_in_prometheus_text_format():
         'latency_seconds_count{model="a\\"b"} 2\n'
         "# HELP depth Depth.\n# TYPE depth gauge\ndepth 3\n"
     )
-    assert r.value("jobs_total", model="sd15", outcome="ok") == 3
-    assert r.value("latency_seconds", model='a"b') == 2
 
 
 def test_metrics_reject_wrong_labels():
