@@ -145,7 +145,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.warmup, args.variants = 3, 2, ["eager", "all three"]
 
-    from remote_vae.local_server.engine import resolve_dtype
+    from remote_vae.local_server.devices import resolve_dtype
     from remote_vae.remote.presets import get_preset
 
     device = torch.device(DEVICE)

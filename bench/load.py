@@ -5,7 +5,7 @@ RemoteVAEDecode's default sends); 1, 2, 4 and 8 clients, each a thread with its 
 share the same number of requests per level. Per level: throughput, p50/p99 latency, errors, the
 deepest queue (the server's `remote_vae_queue_depth` gauge from /metrics, sampled every 20 ms, else
 requests in flight seen by the clients) and compute per request (from /metrics). With dynamic batching
-off and on when the engine offers the switch.
+off and on when the server offers the switch.
 Targets (issue #5): throughput at 8 clients >= 0.9 x at 1, zero errors, p99 <= queue length x service
 time, with the queue length taken as the client count (its maximum) and the service time as the p99
 latency of one client alone (a request waits at most for the ones queued before it); the table also
@@ -129,7 +129,7 @@ def batching_modes(requested: list[str] | None) -> list[str]:
     if requested:
         return requested
     try:
-        from remote_vae.local_server.engine import EngineOptions  # noqa: F401
+        from remote_vae.local_server.registry import Tuning  # noqa: F401
     except ImportError:
         return ["auto"]
     return ["off", "on"]
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="server torch threads")
     parser.add_argument("--batching", nargs="+", choices=("auto", "on", "off"),
-                        help="server batching modes to run (default: off and on when the engine has the switch)")
+                        help="server batching modes to run (default: off and on when the server has the switch)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, 4 requests, 128 px")
     args = parser.parse_args()
     record_as_module("bench.load")

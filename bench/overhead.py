@@ -27,7 +27,7 @@ def server_means(before: dict | None, after: dict | None) -> list[str]:
     count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(before, "remote_vae_request_seconds_count")
     if after is None or count <= 0:
         return ["-", "-", "-"]
-    names = ("remote_vae_compute_seconds_sum", "remote_vae_encode_seconds_sum", "remote_vae_request_seconds_sum")
+    names = ("remote_vae_compute_seconds_sum", "remote_vae_render_seconds_sum", "remote_vae_request_seconds_sum")
     return [f"{(metric_total(after, n) - metric_total(before, n)) / count * 1000:.1f}" for n in names]
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         f"{args.dtype} on {args.device}, {args.threads} torch threads in both processes, {args.repeats} alternating pairs "
         "per size, both paths called from one worker thread as ComfyUI's prompt worker calls nodes. "
         "Remote = RemoteVAEDecode (transfer lossless: float32 latents up, uint8 pixels down) through "
-        "bench.serve (the server's create_app + ModelHost under uvicorn) on 127.0.0.1. 'max diff' compares the two "
+        "bench.serve (the server's create_app + ModelRegistry under uvicorn) on 127.0.0.1. 'max diff' compares the two "
         "IMAGE outputs (uint8 rounding allows 0.5 plus float16 denormalisation). The server columns are means over the "
         "timed remote decodes from its /metrics (compute = decode on the device, render = output conversion, whole "
         "request = from receipt to response); the rest of the remote time is the client and the HTTP transfer."

@@ -1,6 +1,6 @@
 """Serve bench models with the real server app: `python -m bench.serve --port P --threads N --model NAME=PRESET:MODEL`.
 
-The same `create_app` + `ModelHost` + uvicorn the `remote-vae-server` CLI runs; the only difference is that
+The same `create_app` + `ModelRegistry` + uvicorn the `remote-vae-server` CLI runs; the only difference is that
 the models are built here from `bench.models` (seeded random weights, or stand-ins) and handed to the host,
 and that the torch thread count is set, so the server and the in-process baseline compute alike.
 """
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PRESET:MODEL")
     parser.add_argument("--batching", default="auto", choices=("auto", "on", "off"),
-                        help="the engine's dynamic batching (auto: the engine's default for the device)")
+                        help="the server's dynamic batching (auto: the server's default for the device)")
     args = parser.parse_args()
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # threads the device worker starts inherit this
@@ -29,14 +29,14 @@ def main() -> None:
     import uvicorn
 
     from remote_vae.local_server.app import create_app
-    from remote_vae.local_server.engine import ModelHost
+    from remote_vae.local_server.registry import ModelRegistry
     from remote_vae.remote.presets import get_preset
 
     from .models import build
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    host = ModelHost(**engine_options(args.batching))
+    host = ModelRegistry(**registry_options(args.batching))
     for spec in args.model:
         name, _, rest = spec.partition("=")
         preset, _, model_name = rest.partition(":")
@@ -48,13 +48,13 @@ def main() -> None:
         host.close()
 
 
-def engine_options(batching: str) -> dict:
-    """ModelHost keyword arguments for `--batching` (the engine's defaults for `auto`)."""
+def registry_options(batching: str) -> dict:
+    """ModelRegistry keyword arguments for `--batching` (the server's defaults for `auto`)."""
     if batching == "auto":
         return {}
-    from remote_vae.local_server.engine import EngineOptions
+    from remote_vae.local_server.registry import Tuning
 
-    return {"options": EngineOptions(batching=batching == "on")}
+    return {"options": Tuning(batching=batching == "on")}
 
 
 if __name__ == "__main__":

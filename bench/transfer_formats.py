@@ -152,7 +152,7 @@ def over_http(
         server_cpu.append(s1 - s0)
     after = metrics(server.url)
     count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(before, "remote_vae_request_seconds_count")
-    spent = metric_total(after, "remote_vae_encode_seconds_sum") - metric_total(before, "remote_vae_encode_seconds_sum")
+    spent = metric_total(after, "remote_vae_render_seconds_sum") - metric_total(before, "remote_vae_render_seconds_sum")
     max_err, psnr = errors(pixels, reference)
     return Row(name, "server", len(wire.body), len(reply.body), median(walls), median(client_cpu), median(server_cpu),
                max_err, psnr, spent / count if after is not None and count > 0 else None)
@@ -251,7 +251,7 @@ def main() -> None:
         f"{args.threads} torch threads in both processes, median of {repeats} requests per row. Server CPU is the server "
         "process's user+system time across the request (10 ms resolution) and includes the decode; the 'decode alone' "
         "row is that decode's cost in this process. Server render is the format's own cost: the server's "
-        "remote_vae_encode_seconds per request from /metrics (output conversion and encoding, after the decode). 'in-process' rows: the server does not offer the format for this "
+        "remote_vae_render_seconds per request from /metrics (output conversion and encoding, after the decode). 'in-process' rows: the server does not offer the format for this "
         "output, so the uint8 pixels are encoded (counted as server CPU) and decoded (client CPU) here. Errors are "
         "against a float32 ComfyUI-style decode of the same weights; the content is random-weight decoder output "
         "(image) and a smooth stand-in (video, see bench/models.py), so lossy-format errors are indicative only."

@@ -20,10 +20,6 @@ class Accel:
     cudnn_benchmark: bool = False
     compile: bool = False
 
-    @property
-    def any(self) -> bool:
-        return self.channels_last or self.cudnn_benchmark or self.compile
-
 
 def apply(model: torch.nn.Module, device: torch.device, accel: Accel, *, video: bool) -> torch.nn.Module:
     """Apply the chosen speed-ups to a loaded model (in place where torch allows it)."""

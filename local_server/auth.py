@@ -1,17 +1,23 @@
 """Optional bearer-token authentication for the VAE server.
 
 The token comes from an environment variable or a file, is compared in constant time and is never
-logged. Health checks stay open so load balancers and our node's "check endpoint" button work.
+logged. `RequireToken` guards the routes that need it; health checks stay open so load balancers and
+our node's "check endpoint" button work.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import error_response
+
 TOKEN_ENV = "REMOTE_VAE_SERVER_TOKEN"
-OPEN_PATHS = frozenset({"/", "/health"})
 
 
 class TokenError(ValueError):
@@ -42,5 +48,21 @@ def is_authorized(expected: str | None, authorization: str | None) -> bool:
     return hmac.compare_digest(supplied.strip().encode(), expected.encode())
 
 
-def requires_auth(path: str) -> bool:
-    return path not in OPEN_PATHS
+class RequireToken:
+    """ASGI middleware: 401 with `WWW-Authenticate: Bearer` unless the request carries `token`.
+
+    `on_refusal` is called for each refused request (the job routes count them in /metrics).
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, on_refusal: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.token = token
+        self.on_refusal = on_refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_authorized(self.token, Headers(scope=scope).get("authorization")):
+            return await self.app(scope, receive, send)
+        if self.on_refusal is not None:
+            self.on_refusal()
+        message = "missing or wrong bearer token: send Authorization: Bearer <token>"
+        await error_response(401, message, {"www-authenticate": "Bearer"})(scope, receive, send)

@@ -53,7 +53,6 @@ class Batcher:
         self._max_elements = min(max_elements, KERNEL_ELEMENT_LIMIT)
         self._cost = element_cost
         self._pending: dict[Hashable, _Pending] = {}
-        self.batches_run = 0  # for metrics and tests
 
     async def submit(self, key: Hashable, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         loop = asyncio.get_running_loop()
@@ -85,7 +84,6 @@ class Batcher:
         sizes = [t.shape[0] for t in pending.tensors]
         try:
             batch = pending.tensors[0] if len(sizes) == 1 else torch.cat(pending.tensors)
-            self.batches_run += 1
             out, shared = await self._run(key, batch)
             if out.shape[0] != sum(sizes):
                 raise RuntimeError(f"batched run returned {out.shape[0]} items for {sum(sizes)} inputs")

@@ -18,8 +18,9 @@ from ..remote.presets import PRESETS, Preset, PresetError, get_preset
 from .accel import Accel
 from .app import Settings, check_model_name, create_app
 from .auth import TOKEN_ENV, TokenError, load_token
-from .engine import EngineOptions, ModelHost, resolve_device
+from .devices import resolve_device
 from .limits import Limits
+from .registry import ModelRegistry, Tuning
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-frames", type=int, default=defaults.max_frames, help="frames per video (default %(default)s)")
     limits.add_argument("--max-batch-pixels", type=int, default=defaults.max_batch_pixels, help="pixels of all images in one request")
     limits.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes, help="request body size (default 512 MiB)")
-    limits.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency, help="requests running at once")
-    limits.add_argument("--max-queue", type=int, default=defaults.max_queue, help="requests waiting; beyond it: 503 + Retry-After")
+    limits.add_argument(
+        "--max-in-flight", type=int, default=defaults.max_in_flight,
+        help="requests in the server at once, running or waiting; beyond it: 503 + Retry-After (default %(default)s)",
+    )  # fmt: skip
+    # The flags --max-in-flight replaces; as before, the server held their sum.
+    limits.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
+    limits.add_argument("--max-queue", type=int, help=argparse.SUPPRESS)
     limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout, help="seconds per request (504 after)")
     security = parser.add_argument_group("security")
     security.add_argument("--token-file", help=f"file holding the bearer token clients must send (default: ${TOKEN_ENV}; none: no auth)")
@@ -84,15 +90,22 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_frames=args.max_frames,
         max_batch_pixels=args.max_batch_pixels,
         max_request_bytes=args.max_request_bytes,
-        max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue,
+        max_in_flight=max_in_flight(args),
         request_timeout=args.request_timeout,
     )
     return Settings(limits=limits, token=load_token(args.token_file), cors_origins=tuple(args.cors_origin))
 
 
-def engine_options_from(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(
+def max_in_flight(args: argparse.Namespace) -> int:
+    """--max-in-flight, or the sum of the old --max-concurrency (default 2) and --max-queue (default 16)."""
+    if args.max_concurrency is None and args.max_queue is None:
+        return args.max_in_flight
+    concurrency = 2 if args.max_concurrency is None else args.max_concurrency
+    return concurrency + (16 if args.max_queue is None else args.max_queue)
+
+
+def tuning_from(args: argparse.Namespace) -> Tuning:
+    return Tuning(
         batching={"auto": None, "on": True, "off": False}[args.batching],
         batch_window=args.batch_window,
         memory_budget=args.memory_budget,
@@ -100,12 +113,12 @@ def engine_options_from(args: argparse.Namespace) -> EngineOptions:
     )
 
 
-def build_host(specs: Sequence[str], device: str, dtype: str, options: EngineOptions | None = None) -> ModelHost:
-    host = ModelHost(load_hint=LOAD_HINT, options=options)
+def build_registry(specs: Sequence[str], device: str, dtype: str, options: Tuning | None = None) -> ModelRegistry:
+    registry = ModelRegistry(load_hint=LOAD_HINT, options=options)
     models = [parse_model_spec(spec) for spec in specs] or [(p.name, p, None) for p in PRESETS.values()]
     for name, preset, source in models:
-        host.add(name, preset, source=source, device=device, dtype=dtype)
-    return host
+        registry.add(name, preset, source=source, device=device, dtype=dtype)
+    return registry
 
 
 def base_url(host: str, port: int) -> str:
@@ -120,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if resolve_device(args.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
         settings = settings_from(args)
-        host = build_host(args.model, args.device, args.dtype, engine_options_from(args))
+        models = build_registry(args.model, args.device, args.dtype, tuning_from(args))
     except (PresetError, ValueError, RuntimeError, TokenError) as exc:
         parser.error(str(exc))
     import uvicorn  # the server extra; imported late so --help works without it
@@ -132,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    app = create_app(host, settings)
+    app = create_app(models, settings)
     if args.preload:
-        host.preload()
+        models.preload()
     url = base_url(args.host, args.port)
-    for i, model in enumerate(host.models()):
+    for i, model in enumerate(models.models()):
         default = f"  (also {url}/)" if i == 0 else ""
         dtype = str(model.dtype).removeprefix("torch.")
         print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}")
@@ -147,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.request_timeout)
         )
     finally:
-        host.close()
+        models.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,21 @@
-"""Request limits: biggest images, videos and bodies a server accepts, and its queue bounds.
+"""Request limits: the biggest images, videos and bodies a server accepts, and how many requests it holds.
 
 Hugging Face's endpoints cap images at 2048^2; our defaults let a 24 GB GPU serve 4096^2 images
-(tiled) and long videos. A request over a limit gets a 413 naming the limit.
+(tiled) and long videos. A request over a limit gets a 413 naming the limit; one past `max_in_flight`
+gets a 503 with Retry-After at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-class LimitExceeded(ValueError):
+from .errors import ServerError, error_response
+from .metrics import Metrics
+
+
+class LimitExceeded(ServerError, ValueError):
     """A request over a configured limit; `status` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 413) -> None:
@@ -23,18 +29,15 @@ class Limits:
     max_frames: int = 257  # per video
     max_batch_pixels: int = 4 * 4096 * 4096  # all images of one request together
     max_request_bytes: int = 512 << 20
-    max_concurrency: int = 2  # requests running on devices at once (per server)
-    max_queue: int = 16  # requests waiting beyond that; more are refused with 503 + Retry-After
+    # Requests in the server at once, running or waiting for a device worker (each device runs one
+    # job at a time anyway); more are refused with 503 + Retry-After.
+    max_in_flight: int = 18
     request_timeout: float = 600.0  # seconds a request may take end to end
 
     def check_body(self, length: int) -> None:
-        self.check_body_length(length, self.max_request_bytes)
-
-    @staticmethod
-    def check_body_length(length: int, limit: int) -> None:
-        if length > limit:
+        if length > self.max_request_bytes:
             raise LimitExceeded(
-                f"request body of {length} bytes exceeds the server's limit of {limit} bytes "
+                f"request body of {length} bytes exceeds the server's limit of {self.max_request_bytes} bytes "
                 "(--max-request-bytes); split the batch into several requests"
             )
 
@@ -52,3 +55,33 @@ class Limits:
                 f"a batch of {batch} x {width}x{height} exceeds the server's limit of {self.max_batch_pixels} "
                 "pixels per request; send fewer images per request"
             )
+
+
+class Admission:
+    """At most `capacity` requests in the server: past it, a 503 with Retry-After at once.
+
+    One instance serves every job route: use it as route middleware, `Middleware(admission)`.
+    """
+
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
+        self.capacity = capacity
+        self.active = 0
+        self._metrics = metrics
+
+    def __call__(self, app: ASGIApp) -> ASGIApp:
+        async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
+            if self.active >= self.capacity:
+                self._metrics.inc("remote_vae_rejected_total", reason="queue_full")
+                message = f"the server is busy ({self.capacity} requests in progress or queued); retry shortly"
+                return await error_response(503, message, {"retry-after": "1"})(scope, receive, send)
+            self._count(+1)
+            try:
+                await app(scope, receive, send)
+            finally:
+                self._count(-1)
+
+        return admitted
+
+    def _count(self, change: int) -> None:
+        self.active += change
+        self._metrics.set("remote_vae_queue_depth", self.active)

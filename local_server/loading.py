@@ -20,18 +20,13 @@ from pathlib import Path
 import torch
 
 from ..remote.presets import PRESETS, Preset
-from . import comfy_keys
+from .errors import ModelLoadError, first_line
+from .single_file import DIFFUSERS_CONVERTS, Layout, infer_config, layout_for, read_state_dict, to_diffusers
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-# Full checkpoints (model + VAE in one file) keep the VAE under one of these prefixes.
-VAE_PREFIXES = ("first_stage_model.", "vae.")
 log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
-
-
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded; the message says what failed and what to do."""
 
 
 @dataclass(frozen=True)
@@ -45,37 +40,6 @@ class Source:
         return {"hub": "hub repo ", "folder": "folder ", "single_file": "file "}[self.kind] + where
 
 
-@dataclass(frozen=True)
-class Layout:
-    """A key layout a VAE file can come in, recognised by a key that only it has."""
-
-    name: str
-    label: str
-    classes: tuple[str, ...]  # diffusers classes that can hold it
-    marker: str
-
-
-# ComfyUI loads Qwen-Image's VAE as a Wan 2.1 VAE: one layout, two diffusers classes.
-WAN_CLASSES = ("AutoencoderKLWan", "AutoencoderKLQwenImage")
-LAYOUTS = (
-    Layout("wan22", "a Wan 2.2 VAE in the original layout", ("AutoencoderKLWan",),
-           "decoder.upsamples.0.upsamples.0.residual.2.weight"),
-    Layout("wan21", "a Wan 2.1 VAE in the original layout", WAN_CLASSES, "decoder.middle.0.residual.0.gamma"),
-    Layout("diffusers_wan", "a Wan-style VAE in diffusers' layout", WAN_CLASSES,
-           "decoder.mid_block.resnets.0.norm1.gamma"),
-    Layout("ldm_hunyuan", "a HunyuanVideo VAE in ComfyUI's layout", ("AutoencoderKLHunyuanVideo",),
-           "decoder.up.0.block.0.conv1.conv.weight"),
-    Layout("diffusers_hunyuan", "a HunyuanVideo VAE in diffusers' layout", ("AutoencoderKLHunyuanVideo",),
-           "decoder.up_blocks.0.resnets.0.conv1.conv.weight"),
-    Layout("ldm_kl", "an SD-family KL VAE in the original LDM layout", ("AutoencoderKL",),
-           "decoder.up.0.block.0.conv1.weight"),
-    Layout("diffusers_kl", "an SD-family KL VAE in diffusers' layout", ("AutoencoderKL",),
-           "decoder.up_blocks.0.resnets.0.conv1.weight"),
-)  # fmt: skip
-# Layouts diffusers' own `from_single_file` converts, for the class that converter is written for.
-_DIFFUSERS_CONVERTS = {"ldm_kl": "AutoencoderKL", "wan21": "AutoencoderKLWan"}
-
-
 # --------------------------------------------------------------------------- where the weights are
 
 
@@ -83,7 +47,9 @@ def resolve_source(preset: Preset, source: str | None) -> Source:
     """What `source` names: None -> the preset's hub checkpoint; else a local folder/file or a hub repo id."""
     if source is None or not str(source).strip():
         if not preset.checkpoint:
-            raise ModelLoadError(f"preset {preset.name} has no default checkpoint: {_how_to_point(preset)}")
+            raise ModelLoadError(
+                f"preset {preset.name} has no default checkpoint: {_how_to_point(preset)}", has_hint=True
+            )
         return Source("hub", preset.checkpoint, preset.subfolder)
     text = str(source).strip()
     path = Path(text).expanduser()
@@ -97,7 +63,7 @@ def resolve_source(preset: Preset, source: str | None) -> Source:
         if repo_id == preset.checkpoint and subfolder is None:
             subfolder = preset.subfolder
         return Source("hub", repo_id, subfolder)
-    raise ModelLoadError(f"no such file or folder: {path}; {_how_to_point(preset)}")
+    raise ModelLoadError(f"no such file or folder: {path}; {_how_to_point(preset)}", has_hint=True)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -113,7 +79,8 @@ def _folder_source(preset: Preset, path: Path) -> Source:
         return Source("folder", str(path), "vae")
     raise ModelLoadError(
         f"folder {path} has no config.json (nor vae/config.json), so it is not a diffusers model folder; "
-        f"{_how_to_point(preset)}"
+        f"{_how_to_point(preset)}",
+        has_hint=True,
     )
 
 
@@ -188,9 +155,10 @@ def _from_hub(preset: Preset, cls: type, where: Source) -> torch.nn.Module:
     except (OSError, ValueError) as exc:  # offline, missing, gated, or no safetensors weights
         sub = f", subfolder {where.subfolder!r}" if where.subfolder else ""
         raise ModelLoadError(
-            f"could not load {where.location!r}{sub} from the Hugging Face hub ({_first_line(exc)}). "
+            f"could not load {where.location!r}{sub} from the Hugging Face hub ({first_line(exc)}). "
             f"If the machine is offline, the repo is gated or it is not in the local cache, "
-            f"{_how_to_point(preset)}"
+            f"{_how_to_point(preset)}",
+            has_hint=True,
         ) from exc
 
 
@@ -203,21 +171,21 @@ def _from_folder(preset: Preset, cls: type, where: Source) -> torch.nn.Module:
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
-            f"could not load the diffusers folder {folder} ({_first_line(exc)}); it needs config.json and "
+            f"could not load the diffusers folder {folder} ({first_line(exc)}); it needs config.json and "
             f"diffusion_pytorch_model.safetensors (pickled .bin weights are refused)"
         ) from exc
 
 
 def _from_single_file(preset: Preset, cls: type, path: Path, config: str | dict | None) -> torch.nn.Module:
     state_dict = read_state_dict(path)
-    layout = _layout_for(preset, state_dict, path.name)
+    layout = layout_for(preset, state_dict, path.name)
     cfg = _fit(cls, _config_for(preset, path, state_dict, layout, config))
     _check_class(preset, cfg.get("_class_name"), path.name)
     _check_channels(preset, _latent_channels(cfg), path.name)
     _check_groups(cfg, path)
     weights = to_diffusers(layout, state_dict)
     model = _empty_fitting(cls, cfg, weights, path)
-    if _DIFFUSERS_CONVERTS.get(layout.name) == cls.__name__:
+    if DIFFUSERS_CONVERTS.get(layout.name) == cls.__name__:
         return _diffusers_single_file(cls, cfg, state_dict)  # the checked file, converted by diffusers itself
     model.load_state_dict(weights, strict=False, assign=True)
     return model
@@ -232,7 +200,7 @@ def _empty_fitting(cls: type, config: dict, weights: dict[str, torch.Tensor], pa
             model = cls.from_config(config)
     except (ValueError, TypeError) as exc:
         raise ModelLoadError(
-            f"{path.name}: the config {_summary(config)} does not build: {_first_line(exc)}"
+            f"{path.name}: the config {_summary(config)} does not build: {first_line(exc)}"
         ) from exc
     _check_complete(model, path.name, provided=weights.keys())
     for name, tensor in model.state_dict().items():
@@ -272,65 +240,6 @@ def _check_complete(model: torch.nn.Module, what: str, provided: Collection[str]
         )
 
 
-# --------------------------------------------------------------------------- single files: keys and config
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A .safetensors file's tensors, with a full checkpoint's VAE prefix removed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        state_dict = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path.name} is not a readable safetensors file: {_first_line(exc)}") from exc
-    for prefix in VAE_PREFIXES:
-        inner = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if inner and detect_layout(inner) is not None:
-            return inner
-    return state_dict
-
-
-def detect_layout(state_dict: dict[str, torch.Tensor]) -> Layout | None:
-    return next((layout for layout in LAYOUTS if layout.marker in state_dict), None)
-
-
-def _layout_for(preset: Preset, state_dict: dict, name: str) -> Layout:
-    layout = detect_layout(state_dict)
-    if layout is None:
-        sample = ", ".join(list(state_dict)[:3]) or "no tensors"
-        raise ModelLoadError(
-            f"{name} has an unknown key layout ({len(state_dict)} tensors: {sample}, ...); expected a VAE as "
-            f"ComfyUI's models/vae files hold them (SD/SDXL/SD3/Flux, HunyuanVideo, Wan 2.1) or in diffusers' "
-            f"layout"
-        )
-    if layout.name == "wan22":
-        raise ModelLoadError(
-            f"{name} is {layout.label}; diffusers {_diffusers_version()} cannot convert Wan 2.2 single files. "
-            f"Use the diffusers folder of Wan-AI/Wan2.2-TI2V-5B-Diffusers (its vae/ subfolder), or leave the "
-            f"source empty to download it"
-        )
-    if preset.diffusers_class not in layout.classes:
-        fits = [p.name for p in PRESETS.values() if p.diffusers_class in layout.classes]
-        raise ModelLoadError(
-            f"{name} holds {layout.label} but preset {preset.name} uses {preset.diffusers_class}; "
-            f"pick the {' or '.join(fits)} preset"
-        )
-    return layout
-
-
-def to_diffusers(layout: Layout, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict in diffusers' names (tensors shared, attention 1x1 convs viewed as linear weights)."""
-    if layout.name in ("ldm_kl", "ldm_hunyuan"):
-        return comfy_keys.ldm_to_diffusers(state_dict)
-    if layout.name == "wan21":
-        from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
-        return convert_wan_vae_to_diffusers(state_dict)
-    return dict(state_dict)
-
-
 def _config_for(
     preset: Preset, path: Path, state_dict: dict, layout: Layout, config: str | dict | None
 ) -> dict:
@@ -341,78 +250,6 @@ def _config_for(
         if sidecar.is_file():
             return _read_config(sidecar)
     return infer_config(preset, state_dict, layout)
-
-
-def infer_config(preset: Preset, state_dict: dict[str, torch.Tensor], layout: Layout | None = None) -> dict:
-    """The preset's config with the architecture read from the tensor shapes where the layout allows it."""
-    layout = layout or detect_layout(state_dict)
-    if layout is None:
-        raise ModelLoadError(
-            f"cannot infer an architecture: unknown key layout ({', '.join(list(state_dict)[:3])})"
-        )
-    weights = to_diffusers(layout, state_dict)
-    try:
-        if layout.classes == WAN_CLASSES:
-            arch = _infer_wan(weights)
-        elif "AutoencoderKLHunyuanVideo" in layout.classes:
-            arch = _infer_kl(weights, ".conv", ("HunyuanVideoDownBlock3D", "HunyuanVideoUpBlock3D"))
-        else:
-            arch = _infer_kl(weights, "", ("DownEncoderBlock2D", "UpDecoderBlock2D"))
-            arch["use_quant_conv"] = "quant_conv.weight" in weights
-            arch["use_post_quant_conv"] = "post_quant_conv.weight" in weights
-    except (KeyError, IndexError, ZeroDivisionError):
-        return dict(preset.config)  # a layout variant the reader does not know: the published architecture
-    config = {**preset.config, **arch}
-    if "block_out_channels" in arch:
-        # GroupNorm's group count leaves no trace in the weights: every published model uses 32.
-        config.setdefault("norm_num_groups", 32)
-    return config
-
-
-def _infer_kl(w: dict[str, torch.Tensor], conv: str, blocks: tuple[str, str]) -> dict:
-    """AutoencoderKL / AutoencoderKLHunyuanVideo: `conv` is the causal-conv wrapper level ('.conv') if any."""
-    levels = comfy_keys.count_levels(w)
-    layers = {m[1] for k in w if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
-    return {
-        "in_channels": w[f"encoder.conv_in{conv}.weight"].shape[1],
-        "out_channels": w[f"decoder.conv_out{conv}.weight"].shape[0],
-        "latent_channels": w[f"decoder.conv_in{conv}.weight"].shape[1],
-        "block_out_channels": [
-            w[f"encoder.down_blocks.{i}.resnets.0.conv1{conv}.weight"].shape[0] for i in range(levels)
-        ],
-        "layers_per_block": len(layers),
-        "down_block_types": [blocks[0]] * levels,
-        "up_block_types": [blocks[1]] * levels,
-        "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in w,
-    }
-
-
-def _infer_wan(w: dict[str, torch.Tensor]) -> dict:
-    """AutoencoderKLWan (2.1 style): the encoder is a flat list of residual blocks and resamplers."""
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in w:
-        raise KeyError("Wan 2.2 residual layout")  # nested blocks: left to the preset's config
-    base = w["encoder.conv_in.weight"].shape[0]
-    indices = sorted({int(m[1]) for k in w if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
-    levels: list[list[int]] = [[]]
-    temporal = []
-    for n in indices:
-        if f"encoder.down_blocks.{n}.resample.1.weight" in w:
-            temporal.append(f"encoder.down_blocks.{n}.time_conv.weight" in w)
-            levels.append([])
-        else:
-            levels[-1].append(w[f"encoder.down_blocks.{n}.conv2.weight"].shape[0])
-    decoder_base = w["decoder.norm_out.gamma"].shape[0]
-    return {
-        "base_dim": base,
-        "decoder_base_dim": None if decoder_base == base else decoder_base,
-        "z_dim": w["post_quant_conv.weight"].shape[0],
-        "dim_mult": [level[-1] // base for level in levels],
-        "num_res_blocks": len(levels[0]),
-        "temperal_downsample": temporal,
-        "in_channels": w["encoder.conv_in.weight"].shape[1],
-        "input_channels": w["encoder.conv_in.weight"].shape[1],  # AutoencoderKLQwenImage's name for it
-        "out_channels": w["decoder.conv_out.weight"].shape[0],
-    }
 
 
 def _check_groups(config: dict, path: Path) -> None:
@@ -441,7 +278,7 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the config {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"could not read the config {path}: {first_line(exc)}") from exc
     if not isinstance(value, dict):
         raise ModelLoadError(f"config {path} is not a JSON object")
     return value
@@ -492,13 +329,3 @@ def _summary(config: dict) -> str:
     keys = ("block_out_channels", "layers_per_block", "latent_channels", "base_dim", "z_dim", "dim_mult")
     return "{" + ", ".join(f"{k}={config[k]}" for k in keys if k in config) + "}"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__

@@ -1,7 +1,7 @@
 """Prometheus metrics in the text exposition format, without a client library.
 
-Counters, gauges and histograms keyed by label values; `render()` writes the `/metrics` page.
-Thread-safe: the event loop, device workers and encoder pool all record into one registry.
+`Metrics`: counters, gauges and histograms keyed by label values; `render()` writes the `/metrics` page.
+Thread-safe: the event loop, device workers and the conversion pool all record into one `Metrics`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class _Metric:
     histograms: dict[tuple[str, ...], list[float]] = field(default_factory=dict)  # bucket counts + sum + count
 
 
-class Registry:
+class Metrics:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._lock = threading.Lock()
@@ -83,15 +83,6 @@ class Registry:
             state[-2] += value
             state[-1] += 1
 
-    def value(self, name: str, **labels: str) -> float:
-        """Current value of a counter or gauge (0 when never set); histogram: the observation count."""
-        metric = self._metrics[name]
-        with self._lock:
-            key = self._key(metric, labels)
-            if metric.kind == "histogram":
-                return metric.histograms.get(key, [0.0])[-1]
-            return metric.values.get(key, 0.0)
-
     def render(self) -> str:
         lines: list[str] = []
         with self._lock:
@@ -112,13 +103,13 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
-def server_registry() -> Registry:
+def server_metrics() -> Metrics:
     """The metrics our VAE server records (names follow Prometheus conventions)."""
-    r = Registry()
+    r = Metrics()
     r.counter("remote_vae_requests_total", "Requests by model, operation, outcome and HTTP status.", ("model", "op", "outcome", "status"))
     r.histogram("remote_vae_queue_seconds", "Time a request waited for a device worker.", ("model", "op"))
     r.histogram("remote_vae_compute_seconds", "Time on the device (decode or encode).", ("model", "op"))
-    r.histogram("remote_vae_encode_seconds", "Time spent serialising the response (JPEG/PNG/mp4/raw).", ("model", "op"))
+    r.histogram("remote_vae_render_seconds", "Time spent rendering the response (JPEG/PNG/mp4/raw).", ("model", "op"))
     r.histogram("remote_vae_request_seconds", "Whole request time.", ("model", "op"))
     r.gauge("remote_vae_queue_depth", "Requests admitted and not yet finished.")
     r.counter("remote_vae_bytes_in_total", "Request body bytes.", ("model",))

@@ -1,8 +1,8 @@
 """Pixel conversions at the server's edges: decoder output -> what the client asked for, and
 request images/tensors -> encoder input.
 
-Decode outputs follow hf-protocol.md 2.5. uint8 pixels are computed as diffusers'
-VaeImageProcessor does, with the denormalisation in float16 (section 8.3: this reproduces the HF
+Decode outputs follow docs/protocol.md, "Decode". uint8 pixels are computed as diffusers'
+VaeImageProcessor does, with the denormalisation in float16 (this reproduces the HF endpoints'
 reference vectors exactly). All functions here are CPU work for the server's conversion pool.
 """
 

@@ -38,18 +38,18 @@ def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
 
 
 def asgi_builder(models: list[str], device: str, dtype: str) -> Callable[[], Callable]:
-    """A builder Ray evaluates on each replica: its own ModelHost and app (models load on first use)."""
+    """A builder Ray evaluates on each replica: its own ModelRegistry and app (models load on first use)."""
 
     def build_app() -> Callable:
         from .app import create_app
-        from .cli import build_host
+        from .cli import build_registry
 
-        host = build_host(models, device, dtype)
+        registry = build_registry(models, device, dtype)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (local testing mode)
             replica = str(os.getpid())
-        return with_header(create_app(host), REPLICA_HEADER, replica.encode())
+        return with_header(create_app(registry), REPLICA_HEADER, replica.encode())
 
     return build_app
 

@@ -2,7 +2,7 @@
 
 Each tile is run on its own, then tiles are blended with linear ramps across the overlaps, so the
 result has no hard seams. GroupNorm statistics differ per tile, so a tiled result is close to, not
-equal to, the untiled one; `tests/test_tiling.py` measures and bounds that difference.
+equal to, the untiled one; `tests/server/test_tiling.py` measures and bounds that difference.
 """
 
 from __future__ import annotations

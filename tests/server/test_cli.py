@@ -15,7 +15,13 @@ import pytest
 import requests
 import torch
 
-from remote_vae.local_server.cli import base_url, build_host, parse_model_spec
+from remote_vae.local_server.cli import (
+    base_url,
+    build_parser,
+    build_registry,
+    parse_model_spec,
+    settings_from,
+)
 from remote_vae.remote.presets import PRESETS, PresetError
 from support.serving import error_of, post_decode, tensor_of
 from support.tiny import tiny_kl
@@ -72,13 +78,25 @@ def test_model_specs():
 
 
 def test_no_model_means_every_preset_loaded_lazily():
-    host = build_host([], "cpu", "auto")
+    host = build_registry([], "cpu", "auto")
     try:
         assert host.names == list(PRESETS)
         assert all(m.state == "not loaded" and m.source is None for m in host.models())
     finally:
         host.close()
     assert base_url("::1", 8190) == "http://[::1]:8190"
+
+
+def test_max_in_flight_and_the_old_pair_of_flags_it_replaces(monkeypatch):
+    monkeypatch.delenv("REMOTE_VAE_SERVER_TOKEN", raising=False)
+
+    def in_flight(*args: str) -> int:
+        return settings_from(build_parser().parse_args(list(args))).limits.max_in_flight
+
+    assert in_flight() == 18 and in_flight("--max-in-flight", "5") == 5
+    assert in_flight("--max-concurrency", "1", "--max-queue", "0") == 1  # the server held their sum
+    assert in_flight("--max-queue", "4") == 6 and in_flight("--max-concurrency", "4") == 20
+    assert "--max-queue" not in build_parser().format_help()
 
 
 def test_bad_arguments_exit_with_a_message():

@@ -21,16 +21,10 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_wan_vae_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from remote_vae.local_server import comfy_keys
-from remote_vae.local_server.loading import (
-    ModelLoadError,
-    Source,
-    detect_layout,
-    infer_config,
-    load_vae,
-    read_state_dict,
-    resolve_source,
-)
+from remote_vae.local_server import single_file
+from remote_vae.local_server.errors import ModelLoadError
+from remote_vae.local_server.loading import Source, load_vae, resolve_source
+from remote_vae.local_server.single_file import detect_layout, infer_config, read_state_dict
 from remote_vae.remote.presets import PRESETS
 from support import vae_factory
 
@@ -544,12 +538,12 @@ def test_infer_config_needs_a_known_layout():
 def test_ldm_key_table_round_trips_and_agrees_with_diffusers(preset_name):
     model = vae_factory.make_vae(preset_name, comfy_compatible=preset_name == "sd15")
     state_dict = model.state_dict()
-    ldm = comfy_keys.diffusers_to_ldm(state_dict)
+    ldm = single_file.diffusers_to_ldm(state_dict)
     assert "decoder.mid.attn_1.q.weight" in ldm and "encoder.down.0.block.0.norm1.weight" in ldm
     assert ldm["decoder.mid.attn_1.q.weight"].ndim == (
         5 if preset_name == "hunyuan_video" else 4
     )  # 1x1 convs
-    back = comfy_keys.ldm_to_diffusers(ldm)
+    back = single_file.ldm_to_diffusers(ldm)
     assert back.keys() == state_dict.keys() and all(torch.equal(back[k], state_dict[k]) for k in state_dict)
     if preset_name != "hunyuan_video":  # diffusers' own LDM converter reads our files the same way
         converted = convert_ldm_vae_checkpoint(ldm, dict(model.config))

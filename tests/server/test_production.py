@@ -11,8 +11,8 @@ import requests
 import torch
 
 from remote_vae.local_server.app import Settings, create_app
-from remote_vae.local_server.engine import EngineOptions, ModelHost
 from remote_vae.local_server.limits import Limits
+from remote_vae.local_server.registry import ModelRegistry, Tuning
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
 from remote_vae.remote.presets import PRESETS
@@ -26,7 +26,7 @@ def z(*shape, seed=0):
 
 @contextlib.contextmanager
 def hosting(model, settings=None, options=None, dtype="float32", preset="sd15"):
-    host = ModelHost(options=options)
+    host = ModelRegistry(options=options)
     host.add(preset, PRESETS[preset], model=model, device="cpu", dtype=dtype)
     try:
         with serve(create_app(host, settings)) as url:
@@ -112,7 +112,7 @@ def test_full_queue_answers_503_with_retry_after_at_once_and_a_retry_resolves_it
         assert release.wait(30)
 
     model = Wrapped(vae, before=block)
-    settings = Settings(limits=Limits(max_concurrency=1, max_queue=0))
+    settings = Settings(limits=Limits(max_in_flight=1))
     with hosting(model, settings) as url, ThreadPoolExecutor(2) as pool:
         first = pool.submit(pt, url, z(1, 4, 8, 8))
         assert started.wait(30)
@@ -151,7 +151,7 @@ def test_metrics_and_request_ids(vae, caplog):
         text = requests.get(url + "/metrics", timeout=10).text
     assert 'remote_vae_requests_total{model="sd15",op="decode",outcome="ok",status="200"} 2' in text
     assert 'remote_vae_requests_total{model="sd15",op="decode",outcome="client_error",status="400"} 1' in text
-    for name in ("queue", "compute", "encode", "request"):
+    for name in ("queue", "compute", "render", "request"):
         assert f'remote_vae_{name}_seconds_count{{model="sd15",op="decode"}}' in text
     assert 'remote_vae_bytes_in_total{model="sd15"} ' in text and "remote_vae_queue_depth 0" in text
     line = next(r.getMessage() for r in caplog.records if "abc-123" in r.getMessage())
@@ -165,7 +165,7 @@ def test_tiling_on_request_and_by_memory_budget(vae):
     latent = z(1, 4, 48, 48, seed=3)
     whole = reference(vae, latent)
     # A 48x48 latent needs ~1.3 GB by the estimate; 600 MiB gives tiles of about 32 latent pixels.
-    with hosting(vae, options=EngineOptions(memory_budget=600 << 20)) as url:
+    with hosting(vae, options=Tuning(memory_budget=600 << 20)) as url:
         auto = tensor_of(pt(url, latent))
         forced_off = tensor_of(pt(url, latent, extra_params=[("tile", "off")]))
         text = requests.get(url + "/metrics", timeout=10).text
@@ -233,7 +233,7 @@ def test_nan_in_half_precision_is_retried_in_float32(vae):
 def test_batching_groups_concurrent_same_shape_requests(vae):
     model = Wrapped(vae)
     latents = [z(1, 4, 8, 8, seed=i) for i in range(3)]
-    options = EngineOptions(batching=True, batch_window=0.5)
+    options = Tuning(batching=True, batch_window=0.5)
     with hosting(model, options=options) as url, ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda t: tensor_of(pt(url, t)), latents))
     assert model.batches == [3]
@@ -244,7 +244,7 @@ def test_batching_groups_concurrent_same_shape_requests(vae):
 def test_bounded_load_every_request_answered_correctly(vae):
     """8 clients x 4 requests against a queue of 2: 503s happen and client retries resolve them."""
     latents = [z(1, 4, 8, 8, seed=i) for i in range(32)]
-    settings = Settings(limits=Limits(max_concurrency=1, max_queue=1))
+    settings = Settings(limits=Limits(max_in_flight=2))
 
     def decode(latent):
         wire = protocol.build_decode_request(latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32"))
@@ -318,3 +318,14 @@ def test_cors_only_when_configured(vae):
     with hosting(vae, Settings(cors_origins=["https://app.example"])) as url:
         answer = requests.get(url + "/health", headers=origin, timeout=10)
     assert answer.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_refused_tokens_are_counted_and_logged_on_job_routes_only(vae, caplog):
+    with hosting(vae, Settings(token="s3cret-token")) as url, caplog.at_level(logging.INFO, logger="remote_vae.server"):
+        refused = pt(url, z(1, 4, 8, 8), headers={"X-Request-ID": "no-token-1"})
+        assert error_of(refused, 401) and refused.headers["x-request-id"] == "no-token-1"
+        assert "x-request-id" not in requests.get(url + "/metrics", timeout=10).headers
+        text = requests.get(url + "/metrics", headers={"Authorization": "Bearer s3cret-token"}, timeout=10).text
+    assert 'remote_vae_rejected_total{reason="auth"} 1' in text
+    assert 'remote_vae_requests_total{model="-",op="-",outcome="client_error",status="401"} 1' in text
+    assert any("no-token-1 - - shape=[] status=401" in r.getMessage() for r in caplog.records)

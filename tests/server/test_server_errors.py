@@ -11,7 +11,9 @@ import requests
 import torch
 
 from remote_vae.local_server.app import create_app
-from remote_vae.local_server.engine import ModelHost
+from remote_vae.local_server.backends.diffusers import DiffusersLoader
+from remote_vae.local_server.errors import ModelLoadError
+from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
 from support.serving import error_of, hosting, post_decode, post_encode, serve, tensor_of
@@ -191,7 +193,7 @@ def test_unknown_paths_and_methods_answer_json(server):
 
 
 def test_model_names_that_would_shadow_routes_are_refused():
-    host = ModelHost()
+    host = ModelRegistry()
     host.add("health", PRESETS["sd15"], model=tiny_kl(4), device="cpu")
     with pytest.raises(ValueError, match="model name 'health' cannot be a URL path"):
         create_app(host)
@@ -241,10 +243,6 @@ def test_health_answers_while_a_decode_runs():
         assert list(tensor_of(result["r"]).shape) == [1, 3, 64, 64]
 
 
-class ModelLoadError(RuntimeError):
-    """Named like loading.ModelLoadError: the loader's expected failure type."""
-
-
 class FlakyLoader:
     """Fails until `fixed` is set, then builds a tiny model; counts its calls."""
 
@@ -261,7 +259,7 @@ class FlakyLoader:
 
 def test_load_failure_is_a_503_and_the_server_stays_up():
     loader = FlakyLoader()
-    host = ModelHost(loader=loader)
+    host = ModelRegistry(loader=DiffusersLoader(loader))
     host.add("sd15", PRESETS["sd15"], device="cpu")
     host.add("good", PRESETS["sd15"], model=tiny_kl(4), device="cpu")
 
@@ -295,7 +293,7 @@ def test_models_show_loading_while_they_load_and_health_still_answers():
         assert release.wait(60), "the test never released the load"
         return tiny_kl(preset.latent_channels)
 
-    host = ModelHost(loader=slow_loader)
+    host = ModelRegistry(loader=DiffusersLoader(slow_loader))
     host.add("sd15", PRESETS["sd15"], device="cpu")
     try:
         with serve(create_app(host)) as url:
@@ -319,7 +317,7 @@ def test_models_show_loading_while_they_load_and_health_still_answers():
 
 def test_preload_loads_eagerly_and_logs_failures(caplog):
     loader = FlakyLoader()
-    host = ModelHost(loader=loader)
+    host = ModelRegistry(loader=DiffusersLoader(loader))
     host.add("sd15", PRESETS["sd15"], device="cpu")
     with caplog.at_level(logging.ERROR, logger="remote_vae.server"):
         host.preload()
@@ -363,3 +361,28 @@ def test_nan_output_is_logged(caplog):
         response = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
         assert torch.isnan(tensor_of(response)).any()
     assert "sd15 decode produced NaN/Inf values" in caplog.text
+
+
+def test_load_hint_is_added_unless_the_loaders_message_has_one(caplog):
+    def failing(error):
+        def loader(preset, source, *, device, dtype):
+            raise error
+
+        return loader
+
+    hint = "start with --model {spec}=/path"
+    cases = [
+        (ModelLoadError("offline"), "offline; start with --model alias:sd15=/path", False),
+        (ModelLoadError("offline; point at --model sd15=/x", has_hint=True), "offline; point at --model sd15=/x", False),
+        (OSError("disk gone"), "disk gone; start with --model alias:sd15=/path", True),  # unexpected: with traceback
+    ]
+    for error, ending, traceback in cases:
+        host = ModelRegistry(loader=DiffusersLoader(failing(error)), load_hint=hint)
+        host.add("alias", PRESETS["sd15"], device="cpu")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="remote_vae.server"):
+            host.preload()
+        hosted = host.get("alias")
+        assert hosted.state == "failed" and hosted.error.endswith(ending), hosted.error
+        assert ("Traceback" in caplog.text) is traceback
+        host.close()

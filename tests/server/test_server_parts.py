@@ -2,13 +2,13 @@
 
 import pytest
 
-from remote_vae.local_server.auth import TokenError, is_authorized, load_token, requires_auth
+from remote_vae.local_server.auth import TokenError, is_authorized, load_token
 from remote_vae.local_server.limits import LimitExceeded, Limits
-from remote_vae.local_server.metrics import Registry, server_registry
+from remote_vae.local_server.metrics import Metrics, server_metrics
 
 
 def test_metrics_render_in_prometheus_text_format():
-    r = Registry()
+    r = Metrics()
     r.counter("jobs_total", "Jobs.", ("model", "outcome"))
     r.histogram("latency_seconds", "Latency.", ("model",), buckets=(0.1, 1.0))
     r.gauge("depth", "Depth.")
@@ -28,12 +28,10 @@ def test_metrics_render_in_prometheus_text_format():
         'latency_seconds_count{model="a\\"b"} 2\n'
         "# HELP depth Depth.\n# TYPE depth gauge\ndepth 3\n"
     )
-    assert r.value("jobs_total", model="sd15", outcome="ok") == 3
-    assert r.value("latency_seconds", model='a"b') == 2
 
 
 def test_metrics_reject_wrong_labels():
-    r = server_registry()
+    r = server_metrics()
     with pytest.raises(ValueError, match="takes labels"):
         r.inc("remote_vae_bytes_in_total", model="x", extra="y")
 
@@ -60,11 +58,6 @@ def test_token_from_env_and_file(tmp_path, monkeypatch):
 def test_bearer_check(header, ok):
     assert is_authorized("s3cret", header) is ok
     assert is_authorized(None, header) is True
-
-
-def test_health_stays_open():
-    assert not requires_auth("/health") and not requires_auth("/")
-    assert requires_auth("/sd15") and requires_auth("/metrics") and requires_auth("/v1/models")
 
 
 def test_limits_name_the_limit():

@@ -12,13 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remote_vae.local_server import postprocess
-from remote_vae.local_server.engine import (
-    from_vae_space,
-    resolve_device,
-    resolve_dtype,
-    to_vae_space,
-    unpack_latents,
-)
+from remote_vae.local_server.backends.diffusers import model_factors
+from remote_vae.local_server.devices import resolve_device, resolve_dtype
+from remote_vae.local_server.latents import from_vae_space, to_vae_space, unpack_latents
 from remote_vae.remote.presets import PRESETS, PresetError
 from remote_vae.remote.protocol import Scaling
 
@@ -82,23 +78,23 @@ def test_scaling_precedence_and_inverse():
     flux = PRESETS["flux"]
     model = _Configured(scaling_factor=2.0, shift_factor=0.5)  # differs from the preset: the config wins
     z = torch.randn(2, 16, 3, 3)
-    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), model, flux), z / 2.0 + 0.5)
-    torch.testing.assert_close(to_vae_space(z, Scaling(4.0, None), model, flux), z / 4.0)
-    torch.testing.assert_close(to_vae_space(z, Scaling(None, 1.0), model, flux), z + 1.0)
-    assert torch.equal(to_vae_space(z, Scaling(), model, flux), z)
+    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), model_factors(model, flux), flux), z / 2.0 + 0.5)
+    torch.testing.assert_close(to_vae_space(z, Scaling(4.0, None), model_factors(model, flux), flux), z / 4.0)
+    torch.testing.assert_close(to_vae_space(z, Scaling(None, 1.0), model_factors(model, flux), flux), z + 1.0)
+    assert torch.equal(to_vae_space(z, Scaling(), model_factors(model, flux), flux), z)
     # a model without a config falls back to the preset's factors
-    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), _Configured(), flux), z / 0.3611 + 0.1159)
+    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), model_factors(_Configured(), flux), flux), z / 0.3611 + 0.1159)
     for scaling in (Scaling(use_model_defaults=True), Scaling(4.0, -0.25), Scaling(), Scaling(None, 1.0)):
-        torch.testing.assert_close(from_vae_space(to_vae_space(z, scaling, model, flux), scaling, model, flux), z)
+        torch.testing.assert_close(from_vae_space(to_vae_space(z, scaling, model_factors(model, flux), flux), scaling, model_factors(model, flux), flux), z)
     wan = PRESETS["wan21"]
     v = torch.randn(1, 16, 2, 2, 2)
-    torch.testing.assert_close(to_vae_space(v, Scaling(use_model_defaults=True), _Configured(), wan), wan.to_raw(v))
-    torch.testing.assert_close(from_vae_space(v, Scaling(use_model_defaults=True), _Configured(), wan), wan.from_raw(v))
+    torch.testing.assert_close(to_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan), wan.to_raw(v))
+    torch.testing.assert_close(from_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan), wan.from_raw(v))
 
 
 def test_scaling_is_done_in_float32():
     z = torch.full((1, 4, 1, 1), 1000.0, dtype=torch.float16)
-    out = to_vae_space(z, Scaling(0.18215), _Configured(), PRESETS["sd15"])
+    out = to_vae_space(z, Scaling(0.18215), model_factors(_Configured(), PRESETS["sd15"]), PRESETS["sd15"])
     assert out.dtype == torch.float32 and out[0, 0, 0, 0].item() == pytest.approx(1000 / 0.18215)
 
 

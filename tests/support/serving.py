@@ -12,7 +12,7 @@ import torch
 import uvicorn
 
 from remote_vae.local_server.app import create_app
-from remote_vae.local_server.engine import ModelHost
+from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
 
@@ -41,9 +41,9 @@ def serve(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def hosting(models: dict[str, tuple[str, torch.nn.Module]], **host_options) -> Iterator[tuple[str, ModelHost]]:
-    """A ModelHost with `models` ({name: (preset, module)}) served on a free port."""
-    host = ModelHost(**host_options)
+def hosting(models: dict[str, tuple[str, torch.nn.Module]], **host_options) -> Iterator[tuple[str, ModelRegistry]]:
+    """A ModelRegistry with `models` ({name: (preset, module)}) served on a free port."""
+    host = ModelRegistry(**host_options)
     for name, (preset, model) in models.items():
         host.add(name, PRESETS[preset], model=model, device="cpu", dtype="float32")
     try:

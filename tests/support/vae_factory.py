@@ -17,7 +17,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
-from remote_vae.local_server import comfy_keys
+from remote_vae.local_server import single_file
 from remote_vae.remote.presets import PRESETS
 
 # GroupNorm's group count leaves no trace in the weights, so a single file read back without a config gets the
@@ -84,7 +84,7 @@ def save_comfy_single_file(model: torch.nn.Module, preset_name: str, path: str |
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cls = PRESETS[preset_name].diffusers_class
     if cls in ("AutoencoderKL", "AutoencoderKLHunyuanVideo"):
-        original = comfy_keys.diffusers_to_ldm(state_dict)
+        original = single_file.diffusers_to_ldm(state_dict)
     elif cls in ("AutoencoderKLWan", "AutoencoderKLQwenImage"):
         original = wan_to_original(state_dict)
     else:

@@ -1,0 +1,83 @@
+"""Latent tensors: unpacking Flux-style packed latents and moving between diffusion and VAE space.
+
+Pure functions on tensors (docs/protocol.md, "Scaling"); the model's own factors come from its backend.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..remote.presets import Preset, PresetError, check_latent
+from ..remote.protocol import Scaling
+
+
+class Factors(NamedTuple):
+    """A model's own scaling and shift factors (its config's, else its preset's)."""
+
+    scale: float
+    shift: float | None
+
+
+def unpack_latents(latent: torch.Tensor, height: int, width: int, spatial: int) -> torch.Tensor:
+    """Flux-style packed [B, N, C*4] -> [B, C, h, w], exactly as diffusers' `_unpack_latents`."""
+    batch, tokens, features = latent.shape
+    h, w = 2 * (height // (spatial * 2)), 2 * (width // (spatial * 2))
+    if features % 4 or h == 0 or w == 0 or tokens != (h // 2) * (w // 2):
+        raise PresetError(
+            f"packed latent of shape {list(latent.shape)} does not fit height={height} width={width}: "
+            f"that size packs into {(h // 2) * (w // 2)} tokens of 4*C features"
+        )
+    channels = features // 4
+    x = latent.view(batch, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(batch, channels, h, w)
+
+
+def prepare_latent(preset: Preset, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+    """Validate a latent against `preset` and unpack 3-D packed latents (image models only)."""
+    if latent.ndim == 3 and not preset.is_video:
+        if height is None or width is None:  # protocol.parse_decode_request already insists; kept for direct callers
+            raise PresetError("packed (3-D) latents need `height` and `width`")
+        latent = unpack_latents(latent, height, width, preset.spatial_compression)
+    check_latent(preset, latent.shape)
+    return latent
+
+
+def to_vae_space(latent: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:
+    """Undo the diffusion-space scaling before decoding; float32 for accuracy.
+
+    Factor parameters win; `do_scaling=True` alone uses the model's `factors` (per-channel mean/std for
+    Wan-style presets); nothing sent means the latent is already raw.
+    """
+    z = latent.float()
+    if scaling.use_model_defaults:
+        if preset.uses_mean_std:
+            return preset.to_raw(z)
+        shift = scaling.shift_factor if scaling.shift_factor is not None else factors.shift
+        return z / factors.scale + (shift or 0.0)
+    if scaling.scaling_factor is not None:
+        z = z / scaling.scaling_factor
+    if scaling.shift_factor is not None:
+        z = z + scaling.shift_factor
+    return z
+
+
+def from_vae_space(z: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:
+    """The inverse of `to_vae_space`, for encode: `(z - shift) * scale` when asked for."""
+    z = z.float()
+    if scaling.use_model_defaults:
+        if preset.uses_mean_std:
+            return preset.from_raw(z)
+        shift = scaling.shift_factor if scaling.shift_factor is not None else factors.shift
+        return (z - (shift or 0.0)) * factors.scale
+    if scaling.shift_factor is not None:
+        z = z - scaling.shift_factor
+    if scaling.scaling_factor is not None:
+        z = z * scaling.scaling_factor
+    return z
+
+
+def as_is(x: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:
+    """The pixel side of a job: no scaling."""
+    return x

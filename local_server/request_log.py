@@ -1,0 +1,94 @@
+"""One middleware around the job routes: the request id, the per-request log line and the metrics.
+
+Each job request gets an `Exchange` (in `request.state.exchange`) that the handler fills in as it goes;
+when the answer's last byte is about to leave, the outcome is counted and logged. A server fault that no
+handler turned into an answer becomes a short 500 here, logged whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
+from .jobs import JobStats
+from .metrics import Metrics
+
+log = logging.getLogger("remote_vae.server")
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class Exchange:
+    """One request as it goes through the server, for its log line and metrics."""
+
+    request_id: str
+    model: str = "-"
+    op: str = "-"
+    shape: list[int] = field(default_factory=list)
+    stats: JobStats = field(default_factory=JobStats)
+    render_seconds: float = 0.0
+    bytes_in: int = 0
+
+
+class RequestLog:
+    """ASGI middleware: answers `X-Request-ID` (the client's when it is a plain token), logs one line and
+    records the metrics of each request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        supplied = Headers(scope=scope).get("x-request-id", "")
+        ex = Exchange(supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex[:16])
+        scope.setdefault("state", {})["exchange"] = ex
+        started = time.perf_counter()
+        status, sent = 500, 0
+
+        async def send_logged(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", ex.request_id.encode())]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                if not message.get("more_body", False):  # counted before the client can ask /metrics again
+                    self._account(ex, status, sent, time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        except Exception as exc:  # a server fault: log it whole, answer briefly, keep serving
+            log.exception("request to %s failed", scope["path"])
+            message = f"internal server error: {type(exc).__name__}: {str(exc)[:300]}"
+            await error_response(500, message)(scope, receive, send_logged)
+
+    def _account(self, ex: Exchange, status: int, bytes_out: int, seconds: float) -> None:
+        metrics, model, op = self.metrics, ex.model, ex.op
+        outcome = "ok" if status < 400 else "client_error" if status < 500 else "server_error"
+        metrics.inc("remote_vae_requests_total", model=model, op=op, outcome=outcome, status=str(status))
+        metrics.observe("remote_vae_request_seconds", seconds, model=model, op=op)
+        metrics.inc("remote_vae_bytes_in_total", ex.bytes_in, model=model)
+        metrics.inc("remote_vae_bytes_out_total", bytes_out, model=model)
+        if status < 400 and op != "-":
+            metrics.observe("remote_vae_queue_seconds", ex.stats.queue, model=model, op=op)
+            metrics.observe("remote_vae_compute_seconds", ex.stats.compute, model=model, op=op)
+            metrics.observe("remote_vae_render_seconds", ex.render_seconds, model=model, op=op)
+            if ex.stats.tiled:
+                metrics.inc("remote_vae_tiled_total", model=model)
+            for kind in ex.stats.fallbacks:
+                metrics.inc("remote_vae_fallback_total", model=model, kind=kind)
+        log.info(
+            "request %s %s %s shape=%s status=%d batch=%d queue=%.3fs compute=%.3fs render=%.3fs total=%.3fs%s%s",
+            ex.request_id, model, op, ex.shape, status, ex.stats.batch, ex.stats.queue, ex.stats.compute,
+            ex.render_seconds, seconds, " tiled" if ex.stats.tiled else "",
+            f" fallbacks={','.join(ex.stats.fallbacks)}" if ex.stats.fallbacks else "",
+        )  # fmt: skip
