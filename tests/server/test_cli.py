@@ -17,8 +17,8 @@ import torch
 
 from remote_vae.local_server.cli import base_url, build_host, parse_model_spec
 from remote_vae.remote.presets import PRESETS, PresetError
+from remote_vae.testing import random_vae
 from support.serving import error_of, post_decode, tensor_of
-from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,7 +102,7 @@ def test_cuda_without_cuda_is_refused():
 
 
 def test_serves_a_diffusers_folder(tmp_path: Path):
-    model = tiny_kl(4, scaling_factor=0.18215)
+    model = random_vae("sd15")
     model.save_pretrained(tmp_path / "vae")
     with running_server(["--model", f"sd15={tmp_path / 'vae'}", "--model", "alias:sd15", "--device", "cpu"]) as (url, process):
         listing = requests.get(url + "/v1/models", timeout=10).json()
@@ -136,7 +136,7 @@ def test_offline_default_start_answers_503_naming_the_download(tmp_path: Path):
 
 
 def test_preload_loads_before_serving_and_survives_a_bad_source(tmp_path: Path):
-    tiny_kl(4).save_pretrained(tmp_path / "vae")
+    random_vae("sd15").save_pretrained(tmp_path / "vae")
     missing = tmp_path / "missing.safetensors"
     with running_server(["--preload", "--model", f"sd15={tmp_path / 'vae'}", "--model", f"broken:flux={missing}"]) as (url, _process):
         states = {m["name"]: m for m in requests.get(url + "/v1/models", timeout=10).json()["models"]}

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from remote_vae.remote.presets import PRESETS
+from remote_vae.testing import random_vae
 from support.cdp import CHROMIUM, Chromium
 from support.comfyui_harness import REPO, free_port, running_comfyui
 from support.serving import hosting
-from support.tiny import tiny_kl
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -50,7 +50,7 @@ OFFLINE = re.compile(
 
 @pytest.fixture(scope="module")
 def vae_server() -> Iterator[str]:
-    model = tiny_kl(4, seed=1, scaling_factor=PRESETS["sd15"].scaling_factor)
+    model = random_vae("sd15", 1)
     with hosting({"sd15": ("sd15", model)}) as (url, _host):
         yield url
 

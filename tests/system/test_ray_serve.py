@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import send
-from support.tiny import tiny_kl
+from remote_vae.testing import random_vae
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -25,7 +25,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> tuple[AutoencoderKL, str]:
-    vae = tiny_kl(4, seed=0)
+    vae = random_vae("sd15")
     folder = tmp_path_factory.mktemp("ray") / "sd15-tiny"
     vae.save_pretrained(folder)
     return vae, str(folder)
