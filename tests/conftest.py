@@ -10,13 +10,12 @@ import torch
 from remote_vae.testing import random_vae
 from support.serving import hosting
 
-COMPAT_PRESETS = ("sd15", "sdxl", "flux", "hunyuan_video", "wan21")
-
 
 @pytest.fixture(scope="session")
 def models() -> dict[str, torch.nn.Module]:
     """One tiny model per preset, each with its own seed and the preset's scaling in its config."""
-    return {name: random_vae(name, seed) for seed, name in enumerate(COMPAT_PRESETS, start=1)}
+    presets = ("sd15", "sdxl", "flux", "hunyuan_video", "wan21")
+    return {name: random_vae(name, seed) for seed, name in enumerate(presets, start=1)}
 
 
 @pytest.fixture(scope="session")

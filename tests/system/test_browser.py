@@ -1,7 +1,7 @@
 """The web extension in a real browser: headless Debian chromium against a real ComfyUI with this pack.
 
-ComfyUI 0.3.75 (tests/comfyui_harness.py) runs in its own process; our VAE server hosts a tiny random
-sd15 VAE in this one. Chromium is driven over the DevTools protocol (tests/browser/cdp.py). Every test
+ComfyUI 0.3.75 (tests/support/comfyui_harness.py) runs in its own process; our VAE server hosts a tiny random
+sd15 VAE in this one. Chromium is driven over the DevTools protocol (tests/support/cdp.py). Every test
 fails on any console error after the page has loaded, except the frontend's own calls to internet
 hosts that a machine without network cannot resolve. Screenshots go to test-artifacts/.
 """
@@ -21,7 +21,8 @@ import pytest
 from remote_vae.remote.presets import PRESETS
 from remote_vae.testing import random_vae
 from support.cdp import CHROMIUM, Chromium
-from support.comfyui_harness import REPO, free_port, running_comfyui
+from support.comfyui_harness import REPO, running_comfyui
+from support.net import free_port
 from support.serving import hosting
 
 pytestmark = [

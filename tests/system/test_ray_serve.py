@@ -1,6 +1,5 @@
 """The Ray Serve deployment: two CPU replicas on a local Ray instance serve our client correctly."""
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,17 +9,12 @@ from diffusers import AutoencoderKL
 from remote_vae.remote import protocol
 from remote_vae.remote.client import send
 from remote_vae.testing import random_vae
+from support.net import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

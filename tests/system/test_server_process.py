@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from test_cli import running_server
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
 from remote_vae.testing import random_vae
+from support.processes import running_server
 
 pytestmark = pytest.mark.timeout(600)
 
