@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import median, record_as_module, revision
-from .models import FULL_WIDTHS, kl_vae, randomise
+from .models import build
 from .results import markdown_table, record
 
 # Dense tensor-core peak (FLOP/s, bf16/fp16 with fp32 accumulate) and memory bandwidth (B/s), by device
@@ -59,17 +59,15 @@ class Case:
 
 
 def hunyuan_video() -> torch.nn.Module:
-    from diffusers import AutoencoderKLHunyuanVideo
+    from remote_vae.testing import random_vae
 
-    model = AutoencoderKLHunyuanVideo()  # the published architecture (146 M decoder parameters)
-    randomise(model, seed=0)
-    return model.eval().requires_grad_(False)
+    return random_vae("hunyuan_video", 0, size="full")  # the published architecture (146 M decoder parameters)
 
 
 def cases(quick: bool) -> list[Case]:
     sd_side = 512 if quick else 1024
     sd = Case(f"SD VAE {sd_side}x{sd_side}", "sd15",
-              lambda: kl_vae(FULL_WIDTHS, layers=2, attention=True, groups=32, seed=0),
+              lambda: build("sd-full"),
               (1, 4, sd_side // 8, sd_side // 8), 1, "img/s", None if quick else SD_1024_TRAFFIC)
     frames = 13 if quick else 61
     video = Case(f"HunyuanVideo VAE {frames}x320x512", "hunyuan_video", hunyuan_video,

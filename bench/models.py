@@ -1,8 +1,9 @@
 """The models the benchmarks run: real diffusers VAEs with seeded random weights, and cheap stand-ins.
 
 No weights can be downloaded here, so every model is built from a config and filled with seeded random
-values; the same name and seed give the same weights in every process (the server subprocess and the
-benchmark compare outputs).
+values (`remote_vae.testing`, the builder the tests use); the same name and seed give the same weights in
+every process (the server subprocess and the benchmark compare outputs). `comfy_decode` is ComfyUI's
+VAEDecode on the same weights, the in-process baseline.
 
 - `sd-full`: the published SD-family decoder architecture (49.5 M decoder parameters), for timings that
   must reflect the real compute.
@@ -24,47 +25,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-FULL_WIDTHS = (128, 256, 512, 512)
-SMALL_WIDTHS = (8, 8, 16, 16)
+from remote_vae.testing import comfy_decode, random_vae
 
+__all__ = ["BUILDERS", "StandInDecoder", "build", "comfy_decode"]
 
-def kl_vae(widths: tuple[int, ...], *, layers: int, attention: bool, groups: int, seed: int) -> torch.nn.Module:
-    """An SD-family `AutoencoderKL` (4 latent channels, 8x compression) with seeded weights."""
-    from diffusers import AutoencoderKL
-
-    model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(widths),
-        up_block_types=["UpDecoderBlock2D"] * len(widths),
-        block_out_channels=widths,
-        layers_per_block=layers,
-        latent_channels=4,
-        norm_num_groups=groups,
-        sample_size=512,
-        scaling_factor=0.18215,
-        mid_block_add_attention=attention,
-    )
-    randomise(model, seed)
-    return model.eval().requires_grad_(False)
-
-
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Seeded weights that keep a varied signal through every layer and most outputs inside [-1, 1].
-
-    Default initialisation saturates the decoder output, and clamping would then hide transfer errors.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name and name.endswith(".weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                param.copy_(0.05 * noise)
-            else:
-                gain = 0.5 if name.startswith("decoder.conv_out.") else 1.0
-                param.copy_(gain * noise / math.sqrt(param[0].numel()))
+# Tiny widths and no mid-block attention: cheap on a CPU, the same latent and pixel shapes.
+SMALL = {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False}
 
 
 class StandInDecoder(torch.nn.Module):
@@ -95,8 +61,8 @@ class StandInDecoder(torch.nn.Module):
 
 
 BUILDERS: dict[str, Callable[[int], torch.nn.Module]] = {
-    "sd-full": lambda seed: kl_vae(FULL_WIDTHS, layers=2, attention=True, groups=32, seed=seed),
-    "sd-small": lambda seed: kl_vae(SMALL_WIDTHS, layers=1, attention=False, groups=8, seed=seed),
+    "sd-full": lambda seed: random_vae("sd15", seed, size="full"),
+    "sd-small": lambda seed: random_vae("sd15", seed, **SMALL),
     "sd-standin": lambda seed: StandInDecoder(4, video=False, seed=seed).eval().requires_grad_(False),
     "hv-standin": lambda seed: StandInDecoder(16, video=True, seed=seed).eval().requires_grad_(False),
 }
@@ -108,13 +74,3 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch
         raise SystemExit(f"unknown bench model {name!r}; known: {', '.join(BUILDERS)}")
     model = BUILDERS[name](seed)
     return torch.nn.Module.to(model, dtype=dtype)  # torch's own `to`: diffusers' warns on every cast
-
-
-def comfy_decode(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's VAEDecode on the same weights: decode, float32, clamp((x+1)/2), NHWC (video: frames)."""
-    with torch.inference_mode():
-        x = model.decode(z.to(next(model.parameters()).dtype)).sample.float()
-    x = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
-    if x.ndim == 5:  # [B,3,F,H,W] -> [B*F,H,W,3]
-        return x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[3], x.shape[4], 3)
-    return x.movedim(1, -1)

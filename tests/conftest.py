@@ -7,13 +7,15 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from remote_vae.testing import random_vae
 from support.serving import hosting
-from support.tiny import tiny_models
 
 
 @pytest.fixture(scope="session")
 def models() -> dict[str, torch.nn.Module]:
-    return tiny_models()
+    """One tiny model per preset, each with its own seed and the preset's scaling in its config."""
+    presets = ("sd15", "sdxl", "flux", "hunyuan_video", "wan21")
+    return {name: random_vae(name, seed) for seed, name in enumerate(presets, start=1)}
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """The node classes and their operations against our real VAE server on 127.0.0.1 (tiny random models).
 
 References are computed in-process with the very modules the server hosts (the `models` and `server`
-fixtures of conftest.py), the way ComfyUI's VAEDecode / VAEEncode define the result:
-IMAGE = clamp((decoder(z) + 1) / 2) channel-last, LATENT = encoder(2x - 1) posterior mode.
+fixtures of conftest.py), the way ComfyUI's VAEDecode / VAEEncode define the result (`comfy_decode` /
+`comfy_encode` of remote_vae.testing, run ComfyUI's way where it differs from diffusers', as the nodes ask
+the server to).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import pytest
 import torch
 
-from remote_vae.local_server.parity import behaving_like
 from remote_vae.nodes import operations
 from remote_vae.nodes.convert import crop_pixels
 from remote_vae.nodes.operations import NodeRequest, RunOptions
@@ -21,6 +21,7 @@ from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
 from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
 from remote_vae.remote.presets import PresetError
+from remote_vae.testing import comfy_decode, comfy_encode
 from support import stub_servers
 
 # lossless = the server's uint8 rounding of (x*0.5+0.5) computed in float16: at most 0.5 LSB for the rounding
@@ -30,23 +31,6 @@ LOSSLESS_ATOL = 0.63 / 255
 EXACT_ATOL = 1e-5
 
 
-# The nodes ask the server for ComfyUI's behaviour where it differs from diffusers' (local_server/parity.py),
-# so the references run the same way.
-
-
-@torch.no_grad()
-def reference_images(model, latent: torch.Tensor) -> torch.Tensor:
-    with behaving_like(model, "comfyui"):
-        out = torch.clamp((model.decode(latent).sample + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
-    return out.reshape(-1, *out.shape[-3:])
-
-
-@torch.no_grad()
-def reference_latent(model, pixels: torch.Tensor) -> torch.Tensor:
-    with behaving_like(model, "comfyui"):
-        return model.encode(pixels.movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
-
-
 class DiffusersAsComfyVAE:
     """A diffusers VAE behind ComfyUI's VAE interface (`decode` / `encode`), to exercise the fallback path."""
 
@@ -54,16 +38,14 @@ class DiffusersAsComfyVAE:
         self.model = model
         self.calls = 0
 
-    @torch.no_grad()
     def decode(self, samples):
         self.calls += 1
-        out = torch.clamp((self.model.decode(samples).sample + 1.0) / 2.0, 0.0, 1.0)
-        return out.movedim(1, -1)  # [B,H,W,3], or [B,F,H,W,3] for videos: what comfy.sd.VAE.decode returns
+        # [B,H,W,3], or [B,F,H,W,3] for videos: what comfy.sd.VAE.decode returns
+        return comfy_decode(self.model, samples, frames_as_batch=False)
 
-    @torch.no_grad()
     def encode(self, pixels):
         self.calls += 1
-        return reference_latent(self.model, crop_pixels(pixels, 8))
+        return comfy_encode(self.model, crop_pixels(pixels, 8))
 
 
 def latent(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -88,7 +70,7 @@ def test_decode_lossless_matches_vaedecode(server, models):
     (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "lossless", 300)
     assert images.shape == (2, 64, 48, 3) and images.dtype == torch.float32
     assert torch.equal(images, (images * 255).round() / 255)  # 8-bit values
-    assert (images - reference_images(models["sd15"], samples)).abs().max() <= LOSSLESS_ATOL
+    assert (images - comfy_decode(models["sd15"], samples)).abs().max() <= LOSSLESS_ATOL
 
 
 def test_decode_fails_over_to_the_next_of_several_endpoints(server, models):
@@ -97,33 +79,33 @@ def test_decode_fails_over_to_the_next_of_several_endpoints(server, models):
     samples = latent(1, 4, 8, 6, seed=5)
     endpoints = f"{refused_url()}/sd15, {server}/sd15"
     (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", endpoints, "exact", 300)
-    torch.testing.assert_close(images, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(images, comfy_decode(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_decode_exact_matches_vaedecode(server, models):
     samples = latent(2, 4, 8, 6, seed=1)
     (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "exact", 300)
-    torch.testing.assert_close(images, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(images, comfy_decode(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_decode_compact_is_close(server, models):
     samples = latent(2, 4, 8, 8, seed=2)
     (images,) = RemoteVAEDecode().decode({"samples": samples}, "sd15", f"{server}/sd15", "compact", 300)
     assert images.shape == (2, 64, 64, 3)
-    assert psnr(images, reference_images(models["sd15"], samples)) > 30  # JPEG q95; measured 36 dB
+    assert psnr(images, comfy_decode(models["sd15"], samples)) > 30  # JPEG q95; measured 36 dB
 
 
 def test_decode_flux_latents_and_extra_latent_keys_are_ignored(server, models):
     samples = latent(1, 16, 4, 4, seed=3)
     extra = {"samples": samples, "batch_index": [7], "noise_mask": torch.ones(1, 1, 32, 32)}
     (images,) = RemoteVAEDecode().decode(extra, "flux", f"{server}/flux", "exact", 300)
-    torch.testing.assert_close(images, reference_images(models["flux"], samples), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(images, comfy_decode(models["flux"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_decode_auto_with_endpoint(server, models):
     samples = latent(1, 4, 4, 4, seed=4)
     (images,) = RemoteVAEDecode().decode({"samples": samples}, "auto", f"{server}/sdxl", "exact", 300)
-    torch.testing.assert_close(images, reference_images(models["sdxl"], samples), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(images, comfy_decode(models["sdxl"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(server, models):
@@ -137,7 +119,7 @@ def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(serve
     assert [t.bytes_sent for t in outcome.transfers] == [2 * 256, 2 * 256, 256]  # 4x4x4 float32 latents
     assert [t.bytes_received for t in outcome.transfers] == [2 * 3 * 32 * 32 * 4] * 2 + [3 * 32 * 32 * 4]
     torch.testing.assert_close(
-        outcome.value, reference_images(models["sd15"], samples), atol=EXACT_ATOL, rtol=0
+        outcome.value, comfy_decode(models["sd15"], samples), atol=EXACT_ATOL, rtol=0
     )
 
 
@@ -149,7 +131,7 @@ def test_video_decode_returns_every_frame_of_every_video_in_order(server, models
         samples, NodeRequest(preset=preset, endpoint=f"{server}/{preset}", transfer=transfer, video_only=True)
     )
     assert len(outcome.transfers) == 2  # one request per video
-    expected = torch.cat([reference_images(models[preset], samples[i : i + 1]) for i in range(2)])
+    expected = torch.cat([comfy_decode(models[preset], samples[i : i + 1]) for i in range(2)])
     assert outcome.value.shape == (10, 24, 32, 3)
     atol = LOSSLESS_ATOL if transfer == "lossless" else EXACT_ATOL
     assert (outcome.value - expected).abs().max() <= atol
@@ -158,7 +140,7 @@ def test_video_decode_returns_every_frame_of_every_video_in_order(server, models
 def test_video_node_class(server, models):
     samples = latent(1, 16, 2, 2, 2, seed=7)
     (frames,) = RemoteVideoDecode().decode({"samples": samples}, "auto", f"{server}/wan21", "exact", 300)
-    torch.testing.assert_close(frames, reference_images(models["wan21"], samples), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(frames, comfy_decode(models["wan21"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 def test_decode_input_errors_before_any_request(server):
@@ -197,7 +179,7 @@ def test_encode_matches_vaeencode_with_crop_and_alpha_dropped(server, models, tr
     image = pixels(2, 37, 45, 4, seed=8)  # RGBA, not a multiple of 8
     (result,) = RemoteVAEEncode().encode(image, "sd15", f"{server}/sd15", transfer, 300)
     assert set(result) == {"samples"} and result["samples"].dtype == torch.float32
-    expected = reference_latent(models["sd15"], crop_pixels(image[..., :3], 8))
+    expected = comfy_encode(models["sd15"], crop_pixels(image[..., :3], 8))
     assert result["samples"].shape == (2, 4, 4, 5)
     torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
 
@@ -209,14 +191,14 @@ def test_png_encode_bodies_give_the_same_latent(server, models):
 
     image = pixels(1, 16, 24, 3, seed=15)
     latent_png = client.send(f"{server}/sd15", encode_request(image, "lossless", False, as_png=True)).tensor()
-    torch.testing.assert_close(latent_png, reference_latent(models["sd15"], image), atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(latent_png, comfy_encode(models["sd15"], image), atol=EXACT_ATOL, rtol=0)
 
 
 def test_encode_exact_keeps_values_that_are_not_8_bit(server, models):
     image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(9))
     (result,) = RemoteVAEEncode().encode(image, "flux", f"{server}/flux", "exact", 300)
     torch.testing.assert_close(
-        result["samples"], reference_latent(models["flux"], image), atol=EXACT_ATOL, rtol=0
+        result["samples"], comfy_encode(models["flux"], image), atol=EXACT_ATOL, rtol=0
     )
 
 
@@ -229,7 +211,7 @@ def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
     )
     assert len(outcome.transfers) == 3
     torch.testing.assert_close(
-        outcome.value, reference_latent(models["sdxl"], image), atol=EXACT_ATOL, rtol=0
+        outcome.value, comfy_encode(models["sdxl"], image), atol=EXACT_ATOL, rtol=0
     )
 
 
@@ -238,9 +220,7 @@ def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
 def test_encode_video_frames_as_one_video(server, models, preset, transfer):
     frames = pixels(5, 16, 24, 3, seed=11)
     (result,) = RemoteVAEEncode().encode(frames, preset, f"{server}/{preset}", transfer, 300)
-    video = frames.movedim(-1, 0).unsqueeze(0) * 2.0 - 1.0  # [1,3,F,H,W], as ComfyUI's VAE.encode does
-    with torch.no_grad(), behaving_like(models[preset], "comfyui"):
-        expected = models[preset].encode(video).latent_dist.mode()
+    expected = comfy_encode(models[preset], frames, video=True)  # one video [1,3,F,H,W], as ComfyUI's VAE.encode does
     assert result["samples"].shape == (1, 16, 2, 2, 3)
     torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
 
@@ -306,7 +286,7 @@ def test_fallback_video_decode_returns_frames(models, server):
         {"samples": samples}, "wan21", f"{server}/missing", "exact", 300, vae=vae
     )
     assert frames.shape == (10, 16, 16, 3)
-    assert torch.equal(frames, reference_images(models["wan21"], samples))
+    assert torch.equal(frames, comfy_decode(models["wan21"], samples))
 
 
 def test_fallback_encode(models, server, caplog):
@@ -314,7 +294,7 @@ def test_fallback_encode(models, server, caplog):
     image = pixels(1, 16, 16, 3, seed=14)
     with caplog.at_level(logging.WARNING, logger="remote_vae"):
         (result,) = RemoteVAEEncode().encode(image, "sd15", f"{server}/missing", "lossless", 300, vae=vae)
-    assert torch.equal(result["samples"], reference_latent(models["sd15"], image))
+    assert torch.equal(result["samples"], comfy_encode(models["sd15"], image))
     assert "Remote VAE encode failed, used the connected VAE locally instead" in caplog.text
 
 

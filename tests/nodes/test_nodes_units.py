@@ -14,6 +14,7 @@ from remote_vae.remote import protocol
 from remote_vae.remote.errors import RemoteVAEError
 from remote_vae.remote.presets import PRESETS, PresetError
 from remote_vae.remote.reply import Reply, Transfer
+from remote_vae.testing import encoder_input, image_of
 
 # --------------------------------------------------------------------------- chunking
 
@@ -202,12 +203,12 @@ def test_encode_requests():
     exact = convert.encode_request(pixels, "exact", as_video=False)
     assert _params(exact)["shape"] == ["1", "3", "1", "2"]
     sent = protocol.tensor_from_bytes(exact.body, [1, 3, 1, 2], "float32")
-    assert torch.equal(sent, pixels.movedim(-1, 1) * 2 - 1)
+    assert torch.equal(sent, encoder_input(pixels))
     frames = torch.rand(5, 8, 16, 3)
     video = convert.encode_request(frames, "exact", as_video=True)
     assert _params(video)["shape"] == ["1", "3", "5", "8", "16"]
     sent = protocol.tensor_from_bytes(video.body, [1, 3, 5, 8, 16], "float32")
-    assert torch.equal(sent[0, :, 2], frames[2].movedim(-1, 0) * 2 - 1)
+    assert torch.equal(sent[0, :, 2], encoder_input(frames, video=True)[0, :, 2])
     with pytest.raises(ValueError, match="transfer 'compact' is not one of lossless, exact"):
         convert.encode_request(frames, "compact", as_video=False)
 
@@ -251,7 +252,7 @@ def test_image_from_reply_layouts():
     sd15, wan = PRESETS["sd15"], PRESETS["wan21"]
     raw = torch.linspace(-1.5, 1.5, 2 * 3 * 16 * 8).reshape(2, 3, 16, 8)
     image = convert.image_from_reply(_reply(raw), "exact", sd15, [2, 4, 2, 1])
-    assert torch.equal(image, torch.clamp((raw + 1) / 2, 0, 1).movedim(1, -1))
+    assert torch.equal(image, image_of(raw))
     pixels = torch.randint(0, 256, (2, 16, 8, 3), dtype=torch.uint8)
     assert torch.equal(
         convert.image_from_reply(_reply(pixels), "lossless", sd15, [2, 4, 2, 1]), pixels / 255.0
@@ -260,7 +261,7 @@ def test_image_from_reply_layouts():
     video = torch.randn(1, 3, 5, 8, 16)
     frames = convert.image_from_reply(_reply(video), "exact", wan, [1, 16, 2, 1, 2])
     assert frames.shape == (5, 8, 16, 3)
-    assert torch.equal(frames[3], torch.clamp((video[0, :, 3] + 1) / 2, 0, 1).movedim(0, -1))
+    assert torch.equal(frames[3], image_of(video)[0, 3])
 
 
 def test_image_from_reply_refuses_what_does_not_fit():

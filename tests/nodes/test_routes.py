@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import types
 
@@ -16,6 +15,7 @@ from aiohttp import web
 from remote_vae.nodes import routes
 from remote_vae.nodes.routes import CheckError, auth_headers, candidate_bases, check_endpoint, parse_endpoint
 from remote_vae.remote.presets import PRESETS
+from support.net import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,12 +76,6 @@ def run_check(handlers, endpoint_path="/", token_env="", timeout=routes.DEFAULT_
         return result, seen, base
 
     return asyncio.run(scenario())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- healthy servers

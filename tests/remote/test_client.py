@@ -34,6 +34,7 @@ from remote_vae.remote import (
     send,
     transport,
 )
+from support.compare import assert_same
 from support.stub_servers import (
     Canned,
     flaky,
@@ -671,20 +672,6 @@ def _call_diffusers(url, tensor, **kwargs):
             return "crash", exc
 
 
-def _assert_same(a, b):
-    if isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    elif isinstance(a, Image.Image):
-        assert isinstance(b, Image.Image) and (a.format, a.size, a.mode) == (b.format, b.size, b.mode)
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    else:
-        assert type(a) is type(b) and a == b
-
-
 @pytest.mark.parametrize(("output_type", "return_type", "partial", "processor_name"), COMBINATIONS)
 def test_return_combination_matches_diffusers(output_type, return_type, partial, processor_name):
     """Where diffusers returns, we return the same; where it crashes, we do the documented thing."""
@@ -704,7 +691,7 @@ def test_return_combination_matches_diffusers(output_type, return_type, partial,
         our_requests = len(stub.requests) - diffusers_requests
 
     if outcome == "ok":
-        _assert_same(theirs, ours)
+        assert_same(theirs, ours)
         assert our_requests == 1
     elif outcome == "ValueError":  # diffusers' input checks: same exception type, nothing sent
         assert isinstance(ours, ValueError) and "`processor` is required" in str(ours)

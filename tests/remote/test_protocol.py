@@ -21,6 +21,7 @@ from PIL import Image
 
 from remote_vae.remote import client, protocol
 from remote_vae.remote.protocol import ProtocolError
+from support.compare import assert_same
 from support.stub_servers import Canned, recorder, tensor_answer
 
 pytestmark = pytest.mark.timeout(120)
@@ -269,20 +270,6 @@ def _answer_for(case_id):
     return tensor_answer(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)).half())
 
 
-def _same(a, b):
-    if isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _same(x, y)
-    elif isinstance(a, Image.Image):
-        assert isinstance(b, Image.Image) and a.format == b.format and a.size == b.size
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("case", GOLDEN_DECODE, ids=[c[0] for c in GOLDEN_DECODE])
 def test_decode_bytes_identical_to_diffusers(case):
     """Same request line, same headers in the same order, same body; and the same result."""
@@ -304,7 +291,7 @@ def test_decode_bytes_identical_to_diffusers(case):
     assert our_request.target == diffusers_request.target == f"/?{query}"
     assert our_request.headers == diffusers_request.headers
     assert our_request.body == diffusers_request.body
-    _same(theirs, ours)
+    assert_same(theirs, ours)
 
 
 def test_decode_headers_are_requests_defaults():
@@ -343,7 +330,7 @@ def test_encode_bytes_identical_to_diffusers(image_kind):
     assert our_request.body == diffusers_request.body
     if image_kind == "pil":
         assert our_request.body.startswith(protocol.PNG_MAGIC)
-    _same(theirs, ours)
+    assert_same(theirs, ours)
 
 
 # --------------------------------------------------------------------------- tensor bytes

@@ -3,13 +3,13 @@
 import torch
 
 from remote_vae.local_server.accel import Accel, apply, input_layout
-from support.tiny import tiny_kl
+from remote_vae.testing import random_vae
 
 
 def test_channels_last_keeps_the_output():
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    plain = tiny_kl(4, seed=3)
-    fast = apply(tiny_kl(4, seed=3), torch.device("cpu"), Accel(channels_last=True), video=False)
+    plain = random_vae("sd15", 3)
+    fast = apply(random_vae("sd15", 3), torch.device("cpu"), Accel(channels_last=True), video=False)
     assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = plain.decode(latent).sample
@@ -18,7 +18,7 @@ def test_channels_last_keeps_the_output():
 
 
 def test_flags_off_change_nothing():
-    model = tiny_kl(4)
+    model = random_vae("sd15")
     assert apply(model, torch.device("cpu"), Accel(), video=False) is model
     x = torch.zeros(1, 4, 2, 2)
     assert input_layout(x, Accel()) is x

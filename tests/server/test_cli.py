@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,47 +18,11 @@ from remote_vae.local_server.cli import (
     settings_from,
 )
 from remote_vae.remote.presets import PRESETS, PresetError
+from remote_vae.testing import random_vae
+from support.processes import running_server
 from support.serving import error_of, post_decode, tensor_of
-from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(300)
-
-STARTUP_SECONDS = 180  # importing torch and diffusers on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start `python -m remote_vae.local_server ARGS` and wait until /health answers."""
-    port = free_port()
-    command = [sys.executable, "-m", "remote_vae.local_server", "--port", str(port), "--log-level", "warning", *args]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            assert process.poll() is None, f"server exited early: {process.communicate()[0]}"
-            assert time.monotonic() < deadline, "server did not answer /health in time"
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
 
 def test_model_specs():
     assert parse_model_spec("sd15") == ("sd15", PRESETS["sd15"], None)
@@ -120,7 +79,7 @@ def test_cuda_without_cuda_is_refused():
 
 
 def test_serves_a_diffusers_folder(tmp_path: Path):
-    model = tiny_kl(4, scaling_factor=0.18215)
+    model = random_vae("sd15")
     model.save_pretrained(tmp_path / "vae")
     with running_server(["--model", f"sd15={tmp_path / 'vae'}", "--model", "alias:sd15", "--device", "cpu"]) as (url, process):
         listing = requests.get(url + "/v1/models", timeout=10).json()
@@ -154,7 +113,7 @@ def test_offline_default_start_answers_503_naming_the_download(tmp_path: Path):
 
 
 def test_preload_loads_before_serving_and_survives_a_bad_source(tmp_path: Path):
-    tiny_kl(4).save_pretrained(tmp_path / "vae")
+    random_vae("sd15").save_pretrained(tmp_path / "vae")
     missing = tmp_path / "missing.safetensors"
     with running_server(["--preload", "--model", f"sd15={tmp_path / 'vae'}", "--model", f"broken:flux={missing}"]) as (url, _process):
         states = {m["name"]: m for m in requests.get(url + "/v1/models", timeout=10).json()["models"]}

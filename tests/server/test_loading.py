@@ -1,6 +1,6 @@
 """Model sources: hub checkpoints, diffusers folders and ComfyUI-style single files, all loaded offline.
 
-Every preset's VAE (tests/vae_factory.py) is saved both ways and loaded back with `load_vae`; its decode and
+Every preset's VAE (remote_vae.testing) is saved both ways and loaded back with `load_vae`; its decode and
 encode must equal the original's. A real ComfyUI 0.3.75 loads the same single files and must decode and
 encode them like diffusers does.
 """
@@ -26,7 +26,16 @@ from remote_vae.local_server.errors import ModelLoadError
 from remote_vae.local_server.loading import Source, load_vae, resolve_source
 from remote_vae.local_server.single_file import detect_layout, infer_config, read_state_dict
 from remote_vae.remote.presets import PRESETS
-from support import vae_factory
+from remote_vae.testing import (
+    PRESET_NAMES,
+    TINY_WIDTHS,
+    comfy_decode,
+    comfy_encode,
+    random_vae,
+    save_comfy_single_file,
+    save_diffusers_folder,
+    wan_to_original,
+)
 
 ARCHITECTURE = (
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
@@ -92,9 +101,9 @@ def _architecture(config) -> dict:
 
 
 def _saved(tmp_path: Path, preset_name: str, seed: int = 0, **make) -> tuple[torch.nn.Module, Path, Path]:
-    model = vae_factory.make_vae(preset_name, seed, **make)
-    folder = vae_factory.save_diffusers_folder(model, tmp_path / f"{preset_name}-diffusers")
-    single = vae_factory.save_comfy_single_file(model, preset_name, tmp_path / f"{preset_name}.safetensors")
+    model = random_vae(preset_name, seed, **make)
+    folder = save_diffusers_folder(model, tmp_path / f"{preset_name}-diffusers")
+    single = save_comfy_single_file(model, preset_name, tmp_path / f"{preset_name}.safetensors")
     return model, folder, single
 
 
@@ -110,7 +119,7 @@ def _expect_error(match_parts: list[str], *args, **kwargs) -> str:
 # --------------------------------------------------------------------------- round trips, every preset
 
 
-@pytest.mark.parametrize("preset_name", vae_factory.PRESET_NAMES)
+@pytest.mark.parametrize("preset_name", PRESET_NAMES)
 def test_folder_and_single_file_load_the_same_vae(preset_name, tmp_path, no_network):
     preset = PRESETS[preset_name]
     model, folder, single = _saved(tmp_path, preset_name, seed=3)
@@ -129,7 +138,7 @@ def test_folder_and_single_file_load_the_same_vae(preset_name, tmp_path, no_netw
     assert no_network == []
 
 
-@pytest.mark.parametrize("preset_name", vae_factory.PRESET_NAMES)
+@pytest.mark.parametrize("preset_name", PRESET_NAMES)
 def test_inferred_config_is_the_original_architecture(preset_name, tmp_path):
     model, _folder, single = _saved(tmp_path, preset_name, seed=4)
     state_dict = read_state_dict(single)
@@ -147,8 +156,8 @@ def test_single_file_dtype_and_device_are_applied_after_loading(tmp_path):
 
 
 def test_bf16_single_file_loads_in_float32(tmp_path):
-    model = vae_factory.make_vae("flux", 5)
-    path = vae_factory.save_comfy_single_file(model.to(torch.bfloat16), "flux", tmp_path / "ae.sft")
+    model = random_vae("flux", 5)
+    path = save_comfy_single_file(model.to(torch.bfloat16), "flux", tmp_path / "ae.sft")
     loaded = load_vae(PRESETS["flux"], str(path))
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     want = model.float().state_dict()
@@ -164,8 +173,8 @@ def test_local_sources_never_touch_the_network_even_online(monkeypatch, tmp_path
 
 
 def test_full_checkpoint_with_a_vae_prefix_loads_its_vae(tmp_path):
-    model = vae_factory.make_vae("sd15", 6)
-    inner = load_file(str(vae_factory.save_comfy_single_file(model, "sd15", tmp_path / "vae.safetensors")))
+    model = random_vae("sd15", 6)
+    inner = load_file(str(save_comfy_single_file(model, "sd15", tmp_path / "vae.safetensors")))
     full = {f"first_stage_model.{k}": v for k, v in inner.items()}
     full["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(2, 2)
     save_file(full, str(tmp_path / "checkpoint.safetensors"))
@@ -186,7 +195,7 @@ def _grouped_kl(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
         block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
     ).eval()  # fmt: skip
-    return model, vae_factory.save_comfy_single_file(model, "sd15", tmp_path / "grouped.safetensors")
+    return model, save_comfy_single_file(model, "sd15", tmp_path / "grouped.safetensors")
 
 
 def test_widths_that_hide_the_group_count_ask_for_a_config(tmp_path):
@@ -211,7 +220,7 @@ def test_sidecar_config_next_to_the_file_is_used(tmp_path, sidecar):
 def test_explicit_config_beats_the_sidecar(tmp_path):
     model, path = _grouped_kl(tmp_path)
     (tmp_path / "grouped.config.json").write_text(json.dumps({**model.config, "norm_num_groups": 4}))
-    folder = vae_factory.save_diffusers_folder(model, tmp_path / "as-folder")
+    folder = save_diffusers_folder(model, tmp_path / "as-folder")
     for config in (dict(model.config), str(folder), str(folder / "config.json")):
         assert load_vae(PRESETS["sd15"], str(path), config=config).config.norm_num_groups == 8
 
@@ -237,9 +246,9 @@ def _fake_hub_snapshot(cache: Path, repo_id: str) -> Path:
 
 
 def test_default_source_is_the_presets_checkpoint_and_subfolder(tmp_path, no_network):
-    model = vae_factory.make_vae("flux", 7)
+    model = random_vae("flux", 7)
     snapshot = _fake_hub_snapshot(tmp_path / "hf-cache", "black-forest-labs/FLUX.1-schnell")
-    vae_factory.save_diffusers_folder(model, snapshot / "vae")
+    save_diffusers_folder(model, snapshot / "vae")
     loaded = load_vae(PRESETS["flux"])
     latent, pixels = _inputs("flux")
     torch.testing.assert_close(
@@ -321,7 +330,7 @@ def test_pickle_checkpoints_are_refused_without_being_read(tmp_path, name):
 
 
 def test_folder_with_only_pickled_weights_is_refused(tmp_path):
-    folder = vae_factory.save_diffusers_folder(vae_factory.make_vae("sd15"), tmp_path / "vae")
+    folder = save_diffusers_folder(random_vae("sd15"), tmp_path / "vae")
     (folder / "diffusion_pytorch_model.safetensors").rename(folder / "diffusion_pytorch_model.bin")
     _expect_error(
         [f"could not load the diffusers folder {folder}", "pickled .bin weights are refused"],
@@ -436,9 +445,9 @@ def test_config_that_does_not_build(tmp_path):
 
 
 def test_leftover_tensors_are_ignored_with_a_warning(tmp_path, caplog):
-    model = vae_factory.make_vae("hunyuan_video", 8)
+    model = random_vae("hunyuan_video", 8)
     state_dict = load_file(
-        str(vae_factory.save_comfy_single_file(model, "hunyuan_video", tmp_path / "hv.safetensors"))
+        str(save_comfy_single_file(model, "hunyuan_video", tmp_path / "hv.safetensors"))
     )
     state_dict["loss.logvar"] = torch.zeros(())
     save_file(state_dict, str(tmp_path / "hv-extra.safetensors"))
@@ -493,7 +502,7 @@ def test_wan22_single_files_point_at_the_diffusers_folder(tmp_path):
 
 
 def test_folder_missing_a_tensor(tmp_path):
-    folder = vae_factory.save_diffusers_folder(vae_factory.make_vae("sd15"), tmp_path / "vae")
+    folder = save_diffusers_folder(random_vae("sd15"), tmp_path / "vae")
     weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     del weights["decoder.conv_in.weight"]
     save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
@@ -536,7 +545,7 @@ def test_infer_config_needs_a_known_layout():
 
 @pytest.mark.parametrize("preset_name", ["sd15", "flux", "hunyuan_video"])
 def test_ldm_key_table_round_trips_and_agrees_with_diffusers(preset_name):
-    model = vae_factory.make_vae(preset_name, comfy_compatible=preset_name == "sd15")
+    model = random_vae(preset_name, size="comfy" if preset_name == "sd15" else "tiny")
     state_dict = model.state_dict()
     ldm = single_file.diffusers_to_ldm(state_dict)
     assert "decoder.mid.attn_1.q.weight" in ldm and "encoder.down.0.block.0.norm1.weight" in ldm
@@ -553,8 +562,8 @@ def test_ldm_key_table_round_trips_and_agrees_with_diffusers(preset_name):
 
 
 def test_wan_reverse_table_is_the_inverse_of_diffusers_converter():
-    state_dict = vae_factory.make_vae("wan21").state_dict()
-    original = vae_factory.wan_to_original(state_dict)
+    state_dict = random_vae("wan21").state_dict()
+    original = wan_to_original(state_dict)
     assert {
         "decoder.head.0.gamma",
         "conv1.weight",
@@ -567,13 +576,13 @@ def test_wan_reverse_table_is_the_inverse_of_diffusers_converter():
 
 
 def test_factory_is_seeded_and_sized():
-    a, b, c = (vae_factory.make_vae("sd15", seed) for seed in (1, 1, 2))
+    a, b, c = (random_vae("sd15", seed) for seed in (1, 1, 2))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.decoder.conv_in.weight, c.decoder.conv_in.weight)
     assert (
-        list(a.config.block_out_channels) == list(vae_factory.TINY_WIDTHS) and a.config.layers_per_block == 1
+        list(a.config.block_out_channels) == list(TINY_WIDTHS) and a.config.layers_per_block == 1
     )
-    full = vae_factory.make_vae("sdxl", comfy_compatible=True)
+    full = random_vae("sdxl", size="comfy")
     assert list(full.config.block_out_channels) == [128, 256, 512, 512] and full.config.layers_per_block == 2
     assert not a.training
 
@@ -636,16 +645,11 @@ def _comfy_inputs(preset_name: str) -> dict[str, torch.Tensor]:
     }
 
 
-@torch.no_grad()
 def _diffusers_like_comfy(model, preset_name: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """What ComfyUI's VAE.decode / VAE.encode return, computed with the diffusers model."""
+    """What ComfyUI's VAE.decode / VAE.encode return, computed with the diffusers model as diffusers runs it."""
     if name.startswith("latent"):
-        image = model.decode(tensor).sample
-        return torch.clamp((image + 1) / 2, 0, 1).movedim(1, -1)
-    pixels = tensor.movedim(-1, 1) * 2 - 1
-    if PRESETS[preset_name].is_video:
-        pixels = pixels.movedim(1, 0).unsqueeze(0)  # frames -> one video [1,3,T,H,W]
-    return model.encode(pixels).latent_dist.mode()
+        return comfy_decode(model, tensor, reference="diffusers", frames_as_batch=False)
+    return comfy_encode(model, tensor, reference="diffusers", video=PRESETS[preset_name].is_video)
 
 
 @pytest.fixture(scope="module")
@@ -654,8 +658,8 @@ def comfy_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy-vae")
     jobs = []
     for seed, preset_name in enumerate(COMFY_PRESETS, start=20):
-        model = vae_factory.make_vae(preset_name, seed, comfy_compatible=True)
-        vae = vae_factory.save_comfy_single_file(model, preset_name, root / f"{preset_name}.safetensors")
+        model = random_vae(preset_name, seed, size="comfy")
+        vae = save_comfy_single_file(model, preset_name, root / f"{preset_name}.safetensors")
         del model
         save_file(_comfy_inputs(preset_name), str(root / f"{preset_name}-in.safetensors"))
         jobs.append({

@@ -16,8 +16,8 @@ from remote_vae.local_server.registry import ModelRegistry, Tuning
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
 from remote_vae.remote.presets import PRESETS
+from remote_vae.testing import random_vae
 from support.serving import error_of, post_decode, post_encode, serve, tensor_of
-from support.tiny import tiny_kl
 
 
 def z(*shape, seed=0):
@@ -64,7 +64,7 @@ def pt(url, latent, extra_params=(), model="sd15", **kw):
 
 @pytest.fixture(scope="module")
 def vae():
-    return tiny_kl(4, seed=7)
+    return random_vae("sd15", 7, size="micro", init="default")
 
 
 def reference(vae, latent):
@@ -218,11 +218,11 @@ def test_nan_in_half_precision_is_retried_in_float32(vae):
             return out
 
     latent = z(1, 4, 8, 8)
-    with hosting(NaNInBF16(tiny_kl(4, seed=7)), dtype="bfloat16") as url:
+    with hosting(NaNInBF16(random_vae("sd15", 7, size="micro", init="default")), dtype="bfloat16") as url:
         out = tensor_of(pt(url, latent))
         text = requests.get(url + "/metrics", timeout=10).text
     assert torch.isfinite(out).all()
-    rounded = tiny_kl(4, seed=7).to(torch.bfloat16).float()  # the retry runs the bf16-rounded weights in float32
+    rounded = random_vae("sd15", 7, size="micro", init="default").to(torch.bfloat16).float()  # the retry runs the bf16-rounded weights in float32
     torch.testing.assert_close(out, reference(rounded, latent), rtol=1e-4, atol=1e-4)
     assert 'remote_vae_fallback_total{model="sd15",kind="nan"} 1' in text
 
@@ -268,9 +268,8 @@ def test_a_client_error_from_the_queue_is_clear():
 
 def test_reference_comfyui_unmasks_hunyuan_video_attention_only_when_asked():
     from remote_vae.local_server.parity import behaving_like
-    from support.tiny import tiny_hunyuan
 
-    model = tiny_hunyuan(seed=4)
+    model = random_vae("hunyuan_video", 4, size="micro", init="default")
     latent = z(1, 16, 3, 4, 4, seed=9)
     with hosting(model, preset="hunyuan_video") as url:
         default = tensor_of(pt(url, latent, model="hunyuan_video"))
@@ -297,9 +296,7 @@ def test_reference_changes_nothing_for_models_without_a_difference(vae):
 
 
 def test_video_tiling_uses_the_models_own_tiles():
-    from support.tiny import tiny_wan
-
-    model = tiny_wan(seed=5)
+    model = random_vae("wan21", 5, size="micro", init="default")
     latent = z(1, 16, 2, 24, 24, seed=6)  # 192 pixels a side: several 128-pixel tiles
     with hosting(model, preset="wan21") as url:
         whole = tensor_of(pt(url, latent, model="wan21"))

@@ -16,8 +16,8 @@ from remote_vae.local_server.errors import ModelLoadError
 from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
+from remote_vae.testing import random_vae
 from support.serving import error_of, hosting, post_decode, post_encode, serve, tensor_of
-from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,7 +79,7 @@ def test_wrong_channel_count_names_model_and_the_hosted_models_that_fit(server):
 
 
 def test_wrong_channel_count_on_an_alias_says_which_model(tmp_path):
-    with hosting({"myflux": ("flux", tiny_kl(16))}) as (url, _host):
+    with hosting({"myflux": ("flux", random_vae("flux"))}) as (url, _host):
         message = error_of(post_decode(url + "/myflux", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 400)
     assert message.startswith("model myflux (preset flux): latent has 4 channels but preset flux expects 16")
 
@@ -194,11 +194,11 @@ def test_unknown_paths_and_methods_answer_json(server):
 
 def test_model_names_that_would_shadow_routes_are_refused():
     host = ModelRegistry()
-    host.add("health", PRESETS["sd15"], model=tiny_kl(4), device="cpu")
+    host.add("health", PRESETS["sd15"], model=random_vae("sd15"), device="cpu")
     with pytest.raises(ValueError, match="model name 'health' cannot be a URL path"):
         create_app(host)
     with pytest.raises(ValueError, match="used twice"):
-        host.add("health", PRESETS["sd15"], model=tiny_kl(4), device="cpu")
+        host.add("health", PRESETS["sd15"], model=random_vae("sd15"), device="cpu")
     host.close()
 
 
@@ -224,7 +224,7 @@ class BlockingVAE(torch.nn.Module):
 
 
 def test_health_answers_while_a_decode_runs():
-    model = BlockingVAE(tiny_kl(4))
+    model = BlockingVAE(random_vae("sd15"))
     with hosting({"sd15": ("sd15", model)}) as (url, _host):
         result: dict = {}
         thread = threading.Thread(
@@ -254,14 +254,14 @@ class FlakyLoader:
         self.calls += 1
         if not self.fixed:
             raise ModelLoadError(f"cannot download {source or preset.checkpoint}: offline")
-        return tiny_kl(preset.latent_channels)
+        return random_vae(preset.name)
 
 
 def test_load_failure_is_a_503_and_the_server_stays_up():
     loader = FlakyLoader()
     host = ModelRegistry(loader=DiffusersLoader(loader))
     host.add("sd15", PRESETS["sd15"], device="cpu")
-    host.add("good", PRESETS["sd15"], model=tiny_kl(4), device="cpu")
+    host.add("good", PRESETS["sd15"], model=random_vae("sd15"), device="cpu")
 
     try:
         with serve(create_app(host)) as url:
@@ -291,7 +291,7 @@ def test_models_show_loading_while_they_load_and_health_still_answers():
     def slow_loader(preset, source, *, device, dtype):
         started.set()
         assert release.wait(60), "the test never released the load"
-        return tiny_kl(preset.latent_channels)
+        return random_vae(preset.name)
 
     host = ModelRegistry(loader=DiffusersLoader(slow_loader))
     host.add("sd15", PRESETS["sd15"], device="cpu")
@@ -357,7 +357,7 @@ class NaNVAE(torch.nn.Module):
 
 
 def test_nan_output_is_logged(caplog):
-    with hosting({"sd15": ("sd15", NaNVAE(tiny_kl(4)))}) as (url, _host), caplog.at_level(logging.WARNING, logger="remote_vae.server"):
+    with hosting({"sd15": ("sd15", NaNVAE(random_vae("sd15")))}) as (url, _host), caplog.at_level(logging.WARNING, logger="remote_vae.server"):
         response = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
         assert torch.isnan(tensor_of(response)).any()
     assert "sd15 decode produced NaN/Inf values" in caplog.text

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from remote_vae.remote.presets import PRESETS
+from remote_vae.testing import random_vae
 from support.serving import error_of, hosting, post_decode, post_encode, tensor_of
-from support.tiny import tiny_kl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 def more():
     torch.manual_seed(7)
     models = {
-        "sd3": tiny_kl(16, seed=7, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        "sd3": random_vae("sd3", 7),
         "qwen_image": diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval(),
     }
     with hosting({name: (name, model) for name, model in models.items()}) as (url, _host):

@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+
+from .net import free_port
+from .processes import stop
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "comfyui"
@@ -137,12 +139,6 @@ def core_node_types(root: Path | None = None) -> set[str]:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,16 +158,6 @@ def _tail(log: Path, chars: int = 6000) -> str:
         return "(no log)"
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-
-
 @contextlib.contextmanager
 def _process(cmd: list[str], cwd: Path, log: Path, ready_url: str, timeout: float, env: dict | None = None):
     with open(log, "w") as out:
@@ -180,7 +166,7 @@ def _process(cmd: list[str], cwd: Path, log: Path, ready_url: str, timeout: floa
         _wait_until_up(ready_url, process, log, timeout)
         yield process
     finally:
-        _stop(process)
+        stop(process, grace=15)
 
 
 # --------------------------------------------------------------------------- our VAE server

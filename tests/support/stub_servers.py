@@ -21,6 +21,8 @@ import torch
 
 from remote_vae.remote import protocol
 
+from .net import free_port
+
 STALL_LIMIT = 30.0  # no stub ever holds a connection longer than this
 
 
@@ -205,10 +207,7 @@ def slow(answer: Canned, seconds_per_kib: float) -> Iterator[Stub]:
 
 def refused_url() -> str:
     """A URL on 127.0.0.1 where nothing listens (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{free_port()}/"
 
 
 @contextmanager

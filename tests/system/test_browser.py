@@ -1,7 +1,7 @@
 """The web extension in a real browser: headless Debian chromium against a real ComfyUI with this pack.
 
-ComfyUI 0.3.75 (tests/comfyui_harness.py) runs in its own process; our VAE server hosts a tiny random
-sd15 VAE in this one. Chromium is driven over the DevTools protocol (tests/browser/cdp.py). Every test
+ComfyUI 0.3.75 (tests/support/comfyui_harness.py) runs in its own process; our VAE server hosts a tiny random
+sd15 VAE in this one. Chromium is driven over the DevTools protocol (tests/support/cdp.py). Every test
 fails on any console error after the page has loaded, except the frontend's own calls to internet
 hosts that a machine without network cannot resolve. Screenshots go to test-artifacts/.
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from remote_vae.remote.presets import PRESETS
+from remote_vae.testing import random_vae
 from support.cdp import CHROMIUM, Chromium
-from support.comfyui_harness import REPO, free_port, running_comfyui
+from support.comfyui_harness import REPO, running_comfyui
+from support.net import free_port
 from support.serving import hosting
-from support.tiny import tiny_kl
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -50,7 +51,7 @@ OFFLINE = re.compile(
 
 @pytest.fixture(scope="module")
 def vae_server() -> Iterator[str]:
-    model = tiny_kl(4, seed=1, scaling_factor=PRESETS["sd15"].scaling_factor)
+    model = random_vae("sd15", 1)
     with hosting({"sd15": ("sd15", model)}) as (url, _host):
         yield url
 

@@ -1,7 +1,7 @@
 """The pack inside a real ComfyUI 0.3.75 (headless, CPU) next to our real VAE server.
 
 One ComfyUI and one VAE server per module. Both load the same VAE files, random VAEs in the single-file
-layout of ComfyUI's models/vae (tests/vae_factory.py): ComfyUI through VAELoader, our server through its
+layout of ComfyUI's models/vae (remote_vae.testing): ComfyUI through VAELoader, our server through its
 single-file loader. Prompts go through /prompt in API format and results come back through /history,
 the output folder (SaveImage, SaveLatent, and a float32 probe node the harness installs) and the
 websocket. Every comparison is remote node vs ComfyUI's own VAEDecode / VAEEncode on the same file (for
@@ -21,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from remote_vae.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from support import stub_servers, vae_factory
+from remote_vae.testing import comfy_decode, random_vae, save_comfy_single_file
+from support import stub_servers
 from support.comfyui_harness import EventListener, error_of, running_comfyui, running_vae_server, status_of
 
 pytestmark = pytest.mark.timeout(900)
@@ -82,8 +83,8 @@ def base(tmp_path_factory) -> Path:
     (root / "models" / "vae").mkdir(parents=True)
     (root / "input").mkdir()
     for seed, (preset, name) in enumerate(FILES.items(), start=1):
-        model = vae_factory.make_vae(preset, seed=seed, comfy_compatible=True)
-        vae_factory.save_comfy_single_file(model, preset, root / "models" / "vae" / name)
+        model = random_vae(preset, seed, size="comfy")
+        save_comfy_single_file(model, preset, root / "models" / "vae" / name)
     _save_frames(_smooth_frames(3, 70, 52, seed=0), root / "input" / IMAGE)
     _save_frames(_smooth_frames(5, 32, 24, seed=1), root / "input" / VIDEO_FRAMES)
     for seed, name in enumerate(LATENTS.values(), start=10):
@@ -318,7 +319,6 @@ def test_hunyuan_video_frames_are_the_servers_model_output(comfy, vae_server, ba
     """What the node returns inside ComfyUI is exactly what diffusers decodes from the same file, with the
     mid-block attention unmasked as the node's `reference=comfyui` asks."""
     from remote_vae.local_server.loading import load_vae
-    from remote_vae.local_server.parity import behaving_like
     from remote_vae.remote.presets import PRESETS
 
     p = Prompt()
@@ -328,11 +328,7 @@ def test_hunyuan_video_frames_are_the_servers_model_output(comfy, vae_server, ba
     run_ok(comfy, p)
     model = load_vae(PRESETS["hunyuan_video"], str(base / "models" / "vae" / FILES["hunyuan_video"]))
     videos = load_file(str(base / "input" / LATENTS["hunyuan_video"]))["latent_tensor"]
-    with torch.no_grad(), behaving_like(model, "comfyui"):
-        decoded = [model.decode(videos[i : i + 1]).sample for i in range(len(videos))]
-    expected = torch.cat(
-        [torch.clamp((d + 1) / 2, 0, 1).movedim(1, -1).reshape(-1, 24, 32, 3) for d in decoded]
-    )
+    expected = torch.cat([comfy_decode(model, videos[i : i + 1]) for i in range(len(videos))])
     difference = (probe(comfy, f"hunyuan_{transfer}") - expected).abs().max().item()
     print(f"video hunyuan_video {transfer}: max |remote - diffusers on the same file| = {difference:.3g}")
     assert difference <= VIDEO_LIMIT[transfer]

@@ -1,6 +1,5 @@
 """The Ray Serve deployment: two CPU replicas on a local Ray instance serve our client correctly."""
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -9,7 +8,8 @@ from diffusers import AutoencoderKL
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import send
-from support.tiny import tiny_kl
+from remote_vae.testing import random_vae
+from support.net import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -17,15 +17,9 @@ serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.timeout(600)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> tuple[AutoencoderKL, str]:
-    vae = tiny_kl(4, seed=0)
+    vae = random_vae("sd15")
     folder = tmp_path_factory.mktemp("ray") / "sd15-tiny"
     vae.save_pretrained(folder)
     return vae, str(folder)

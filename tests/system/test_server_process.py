@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-from test_cli import running_server
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
-from support.tiny import tiny_kl
+from remote_vae.testing import random_vae
+from support.processes import running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,7 +24,7 @@ SLOW_LATENT = (1, 4, 96, 96)  # a few seconds of CPU decode: long enough to act 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("process") / "sd15"
-    tiny_kl(4, seed=11).save_pretrained(path)
+    random_vae("sd15", 11).save_pretrained(path)
     return str(path)
 
 

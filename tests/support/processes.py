@@ -1,0 +1,50 @@
+"""Processes the tests start: our VAE server as `python -m remote_vae.local_server`, and stopping one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import requests
+
+from .net import free_port
+
+STARTUP_SECONDS = 180  # importing torch and diffusers on a busy 2-core machine
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `python -m remote_vae.local_server ARGS` and wait until /health answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "remote_vae.local_server", "--port", str(port), "--log-level", "warning", *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert process.poll() is None, f"server exited early: {process.communicate()[0]}"
+            assert time.monotonic() < deadline, "server did not answer /health in time"
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        stop(process, grace=30)
+
+
+def stop(process: subprocess.Popen, grace: float) -> None:
+    """Terminate `process`; kill it if it has not exited `grace` seconds later."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=grace)
