@@ -4,8 +4,8 @@ SD VAE (full size) at 1024x1024 and HunyuanVideo's VAE (full size) at 61 frames 
 weights, in the dtype the server picks on a GPU (float16 for both presets; `--dtype` to change it): eager, channels_last, cudnn.benchmark, torch.compile, and
 all three (applied by `local_server.accel`, exactly as the server applies them). Per variant: median decode
 time (CUDA-synchronised), images or frames per second, peak allocated memory, and the share of the GPU's
-dense bf16/fp16 peak that the executed FLOPs reach (the physical floor of shared/reference/performance.md
-section 4: SD 1024^2 = 10.47 TFLOP, 10.6 ms on an H100 SXM). On a machine without CUDA it says so and exits
+dense bf16/fp16 peak that the executed FLOPs reach (the physical floor: SD 1024^2 = 10.47 TFLOP, 10.6 ms
+on an H100 SXM). On a machine without CUDA it says so and exits
 without recording anything.
 """
 

@@ -130,7 +130,7 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        # veryfast: ~7x quicker than libx264's default preset at the same crf (performance.md)
+        # veryfast: ~7x quicker than libx264's default preset at the same crf
         stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
