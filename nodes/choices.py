@@ -20,7 +20,6 @@ TRANSFER_ENCODE: tuple[TransferMode, ...] = ("lossless", "exact")
 DEFAULT_TIMEOUT = 300
 MIN_TIMEOUT = 5
 MAX_TIMEOUT = 3600
-DEFAULT_TOKEN_ENV = "REMOTE_VAE_TOKEN"
 
 CATEGORY = "latent/remote"
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from ..remote.tokens import TokenStore
 
 log = logging.getLogger("remote_vae")
 
@@ -46,6 +49,18 @@ def progress_bar(total: int, node_id: str | None) -> Any:
     utils = _module("comfy.utils")
     bar = getattr(utils, "ProgressBar", None)
     return bar(total, node_id=node_id) if bar else _NoProgress()
+
+
+def tokens_file() -> Path | None:
+    """Where the settings entry keeps server tokens: `<ComfyUI user directory>/remote_vae/tokens.json`,
+    beside (not inside) the per-user folders ComfyUI serves back to the browser; None outside ComfyUI."""
+    get = getattr(_module("folder_paths"), "get_user_directory", None)
+    return Path(get()) / "remote_vae" / "tokens.json" if get else None
+
+
+def local_tokens() -> TokenStore:
+    """The tokens this machine binds to servers: the settings file, then REMOTE_VAE_TOKENS."""
+    return TokenStore.load(tokens_file())
 
 
 def prompt_server() -> Any | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -18,11 +18,11 @@ from ..remote.errors import RemoteVAECancelled, RemoteVAEError
 from ..remote.presets import PRESETS, Preset
 from ..remote.reply import Reply, Transfer
 from ..remote.sending import send
+from ..remote.tokens import TokenError, TokenStore
 from . import comfy_runtime
 from .choices import (
     AUTO,
     DEFAULT_TIMEOUT,
-    DEFAULT_TOKEN_ENV,
     MIN_TIMEOUT,
     TRANSFER_DECODE,
     TRANSFER_ENCODE,
@@ -46,7 +46,6 @@ from .resolve import (
     endpoint_url,
     frames_are_time,
     is_hugging_face,
-    token_variable,
 )
 from .ui_events import report_transfer, report_warning
 
@@ -62,7 +61,6 @@ class NodeRequest:
     endpoint: str = ""
     transfer: TransferMode = "lossless"
     timeout: int = DEFAULT_TIMEOUT
-    token_env: str | None = DEFAULT_TOKEN_ENV
     video_only: bool = False  # Remote Video Decode: video latents only, and no JPEG
 
     @property
@@ -95,7 +93,7 @@ class Connection:
 
     url: str
     timeout: int = DEFAULT_TIMEOUT
-    token_env: str | None = DEFAULT_TOKEN_ENV
+    tokens: TokenStore = field(default_factory=TokenStore)  # bound in local configuration, never in a workflow
     interrupted: Callable[[], bool] = comfy_runtime.interrupted
 
     @classmethod
@@ -105,14 +103,18 @@ class Connection:
         if request.timeout < MIN_TIMEOUT:
             raise NodeInputError(f"timeout {request.timeout} s is below the minimum of {MIN_TIMEOUT} s")
         url = endpoint_url(request.endpoint, preset, operation)
-        return cls(url, request.timeout, token_variable(request.token_env), run.interrupted)
+        try:
+            tokens = comfy_runtime.local_tokens()
+        except TokenError as exc:
+            raise NodeInputError(f"the server token configuration cannot be used: {exc}") from None
+        return cls(url, request.timeout, tokens, run.interrupted)
 
     def send(self, wire: protocol.WireRequest, stop: threading.Event) -> Reply:
         return send(
             self.url,
             wire,
             timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
-            token_env=self.token_env,
+            tokens=self.tokens,
             cancel=lambda: stop.is_set() or self.interrupted(),
         )
 

@@ -1,8 +1,7 @@
-"""From widget values to a preset, an endpoint URL and a token variable, with errors that say what to do."""
+"""From widget values to a preset and an endpoint URL, with errors that say what to do."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -20,7 +19,6 @@ from .choices import AUTO
 
 SERVER_EXAMPLE = "http://127.0.0.1:8190/{}"
 HF_HOST_SUFFIX = ".endpoints.huggingface.cloud"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class NodeInputError(ValueError):
@@ -100,23 +98,6 @@ def is_hugging_face(url: str) -> bool:
     """An HF Inference Endpoint (the published remote-VAE endpoints), rather than our own server."""
     host = urlsplit(url).hostname or ""
     return host.endswith(HF_HOST_SUFFIX)
-
-
-def token_variable(token_env: str | None) -> str | None:
-    """The environment variable holding the bearer token (None: send no token).
-
-    The widget holds a variable NAME so that no token is ever saved in a workflow; a value that is
-    not a name is refused without repeating it (it may be a pasted token).
-    """
-    name = (token_env or "").strip()
-    if not name:
-        return None
-    if not _ENV_NAME.fullmatch(name):
-        raise NodeInputError(
-            "token_env must be the NAME of an environment variable that holds the token (such as "
-            "REMOTE_VAE_TOKEN), not the token itself; set the variable before starting ComfyUI"
-        )
-    return name
 
 
 def frames_are_time(preset: Preset | None) -> bool:

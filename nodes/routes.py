@@ -1,4 +1,4 @@
-"""HTTP routes the web extension calls: an endpoint health check and the preset table.
+"""HTTP routes the web extension calls: an endpoint health check, the preset table and server tokens.
 
 The logic lives in plain async functions (`check_endpoint`, `preset_descriptions`) so tests can run
 them without ComfyUI; `register` puts them on an aiohttp route table, and importing this module inside
@@ -6,7 +6,9 @@ ComfyUI registers them on `PromptServer.instance.routes` (ComfyUI mirrors every 
 
 The health check only ever contacts the scheme, host and port the user typed (no redirects are
 followed), gives up after a short timeout, and reports every failure as data in a 200 reply so the
-button on the node can show it.
+button on the node can show it. It sends a token only where the local configuration binds one.
+
+The token routes write the settings file (`comfy_runtime.tokens_file`); they never send a token back.
 """
 
 from __future__ import annotations
@@ -14,19 +16,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 from http import HTTPStatus
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from ..remote import tokens
+from . import comfy_runtime
+
 DEFAULT_TIMEOUT = 5.0
 MAX_PROBES = 4  # /v1/models lookups: up to three paths from the endpoint's own, then the root
 MAX_BODY = 1 << 20  # a model list larger than 1 MiB is not a model list
-# Only variables named like tokens may be sent: the route must not become a way to post arbitrary
-# environment variables (cloud keys, passwords) to a URL chosen by whoever can reach ComfyUI.
-TOKEN_ENV_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_TOKEN_REQUEST = 1 << 14
 
 
 class CheckError(Exception):
@@ -36,7 +39,9 @@ class CheckError(Exception):
 # --------------------------------------------------------------------------- the health check
 
 
-async def check_endpoint(endpoint: str, token_env: str = "", *, timeout: float = DEFAULT_TIMEOUT) -> dict:
+async def check_endpoint(
+    endpoint: str, store: tokens.TokenStore | None = None, *, timeout: float = DEFAULT_TIMEOUT
+) -> dict:
     """Ask the server behind `endpoint` for `/health` and, where it has one, `/v1/models`.
 
     Returns `{"ok", "endpoint", "status", "models", "error"}`; never raises for a bad URL, a refused
@@ -45,7 +50,7 @@ async def check_endpoint(endpoint: str, token_env: str = "", *, timeout: float =
     result = {"ok": False, "endpoint": endpoint, "status": None, "models": [], "error": ""}
     try:
         url = parse_endpoint(endpoint)
-        headers = auth_headers(token_env)
+        headers = auth_headers(str(url), store)
         async with aiohttp.ClientSession(headers=headers) as session:
             await asyncio.wait_for(_check(session, url, result), timeout)
     except CheckError as exc:
@@ -70,7 +75,7 @@ async def _check(session: aiohttp.ClientSession, url: URL, result: dict) -> None
     if models_status in (401, 403):
         raise CheckError(
             f"server is up but GET {base / 'v1/models'} answered {models_status}: it wants a token; "
-            "set token_env to the name of an environment variable that holds it"
+            f"bind one to {url.origin()} in Settings > Remote VAE"
         )
     if models_status is not None and models_status != 200:
         raise CheckError(f"server is up but GET {base / 'v1/models'} answered {models_status} {_reason(models_status)}")
@@ -127,17 +132,12 @@ def candidate_bases(url: URL) -> list[URL]:
     return [url.origin().with_path(path) for path in prefixes[: MAX_PROBES - 1] + ["/"]]
 
 
-def auth_headers(token_env: str) -> dict[str, str]:
-    """`Authorization: Bearer` from the environment variable named `token_env` (nothing when unset)."""
-    name = (token_env or "").strip()
-    if not name:
-        return {}
-    if not TOKEN_ENV_PATTERN.fullmatch(name) or "TOKEN" not in name.upper():
-        raise CheckError(
-            f"token_env {name!r} is not allowed here: name an environment variable whose name contains "
-            "TOKEN (for example HF_TOKEN or REMOTE_VAE_TOKEN)"
-        )
-    token = os.environ.get(name, "").strip()
+def auth_headers(url: str, store: tokens.TokenStore | None = None) -> dict[str, str]:
+    """`Authorization: Bearer` with the token bound to `url`'s origin, where it may travel (else nothing)."""
+    try:
+        token = (store or comfy_runtime.local_tokens()).token_for(url)
+    except tokens.TokenError as exc:
+        raise CheckError(f"the server token configuration cannot be used: {exc}") from None
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -182,18 +182,55 @@ def preset_descriptions() -> dict:
 
 
 async def health_route(request: web.Request) -> web.Response:
-    query = request.query
-    result = await check_endpoint(query.get("endpoint", ""), query.get("token_env", ""))
-    return web.json_response(result)
+    return web.json_response(await check_endpoint(request.query.get("endpoint", "")))
 
 
 async def presets_route(request: web.Request) -> web.Response:
     return web.json_response(preset_descriptions())
 
 
+# --------------------------------------------------------------------------- server tokens
+
+
+def tokens_path() -> Path:
+    path = comfy_runtime.tokens_file()
+    if path is None:
+        raise web.HTTPServiceUnavailable(text="no ComfyUI user directory to keep tokens in")
+    return path
+
+
+async def list_tokens_route(request: web.Request) -> web.Response:
+    """The origins bound in the settings file and in REMOTE_VAE_TOKENS, with their flags; never a token."""
+    try:
+        saved = [{"origin": b.origin, "allow_http": b.allow_http} for b in tokens.read_settings(tokens_path())]
+        environment = sorted(tokens.parse_pairs(os.environ.get(tokens.TOKENS_ENV, "")))
+    except tokens.TokenError as exc:
+        return web.json_response({"servers": [], "environment": [], "error": str(exc)})
+    return web.json_response({"servers": saved, "environment": environment})
+
+
+async def bind_token_route(request: web.Request) -> web.Response:
+    """Bind `{"endpoint", "token", "allow_http"}` (or unbind with `"token": null`); answers the origin only."""
+    try:
+        data = json.loads(await request.content.read(MAX_TOKEN_REQUEST + 1))
+        if not isinstance(data, dict) or len(json.dumps(data)) > MAX_TOKEN_REQUEST:
+            raise ValueError("expected a small JSON object")
+        token = data.get("token")
+        if token is not None and not isinstance(token, str):
+            raise ValueError("token must be a string, or null to unbind")
+        origin = tokens.write_binding(
+            tokens_path(), str(data.get("endpoint", "")), token, allow_http=bool(data.get("allow_http"))
+        )
+    except (ValueError, tokens.TokenError) as exc:  # neither kind of message holds the token
+        return web.json_response({"ok": False, "error": str(exc)}, status=400)
+    return web.json_response({"ok": True, "origin": origin, "bound": token is not None})
+
+
 def register(routes: web.RouteTableDef) -> None:
     routes.get("/remote_vae/health")(health_route)
     routes.get("/remote_vae/presets")(presets_route)
+    routes.get("/remote_vae/tokens")(list_tokens_route)
+    routes.post("/remote_vae/tokens")(bind_token_route)
 
 
 def _register_with_comfyui() -> bool:

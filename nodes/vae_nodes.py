@@ -5,7 +5,6 @@ from __future__ import annotations
 from .choices import (
     CATEGORY,
     DEFAULT_TIMEOUT,
-    DEFAULT_TOKEN_ENV,
     MAX_TIMEOUT,
     MIN_TIMEOUT,
     TRANSFER_DECODE,
@@ -15,14 +14,11 @@ from .choices import (
 )
 
 ENDPOINT_TIP = (
-    "URL of the VAE server, such as http://127.0.0.1:8190/sd15. Empty: the preset's Hugging Face endpoint."
+    "URL of the VAE server, such as http://127.0.0.1:8190/sd15. Empty: the preset's Hugging Face endpoint. "
+    "A server's token is bound to its address in Settings > Remote VAE, never saved in the workflow."
 )
 PRESET_TIP = "The VAE family. auto: detected from the latent's shape (pick one when several fit)."
 TIMEOUT_TIP = "Seconds to wait for each answer (a cold endpoint may need minutes)."
-TOKEN_TIP = (
-    "NAME of the environment variable that holds the server's bearer token (never the token itself: "
-    "workflows are saved with their widget values). Empty: send no token."
-)
 VAE_TIP = "Optional local VAE: used, with a warning, when the remote server fails."
 
 
@@ -47,7 +43,6 @@ def _connection_inputs(transfers: tuple[str, ...], presets: list[str], transfer_
 def _optional_inputs() -> dict:
     return {
         "vae": ("VAE", {"tooltip": VAE_TIP}),
-        "token_env": ("STRING", {"default": DEFAULT_TOKEN_ENV, "tooltip": TOKEN_TIP}),
     }
 
 
@@ -75,10 +70,10 @@ class _RemoteNode:
         required.update(_connection_inputs(cls.TRANSFERS, preset_choices(cls.VIDEO_ONLY), cls.TRANSFER_TIP))
         return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
 
-    def _request(self, preset, endpoint, transfer, timeout, token_env):
+    def _request(self, preset, endpoint, transfer, timeout):
         from .operations import NodeRequest
 
-        return NodeRequest(preset, endpoint, transfer, timeout, token_env, video_only=self.VIDEO_ONLY)
+        return NodeRequest(preset, endpoint, transfer, timeout, video_only=self.VIDEO_ONLY)
 
 
 class RemoteVAEDecode(_RemoteNode):
@@ -92,10 +87,10 @@ class RemoteVAEDecode(_RemoteNode):
     TRANSFERS = TRANSFER_DECODE
     TRANSFER_TIP = DECODE_TRANSFER_TIP
 
-    def decode(self, samples, preset, endpoint, transfer, timeout, vae=None, token_env=DEFAULT_TOKEN_ENV, unique_id=None):  # fmt: skip
+    def decode(self, samples, preset, endpoint, transfer, timeout, vae=None, unique_id=None):  # fmt: skip
         from .operations import decode_node
 
-        request = self._request(preset, endpoint, transfer, timeout, token_env)
+        request = self._request(preset, endpoint, transfer, timeout)
         return (decode_node(unique_id, samples, vae, request),)
 
 
@@ -119,10 +114,10 @@ class RemoteVAEEncode(_RemoteNode):
     TRANSFERS = TRANSFER_ENCODE
     TRANSFER_TIP = ENCODE_TRANSFER_TIP
 
-    def encode(self, pixels, preset, endpoint, transfer, timeout, vae=None, token_env=DEFAULT_TOKEN_ENV, unique_id=None):  # fmt: skip
+    def encode(self, pixels, preset, endpoint, transfer, timeout, vae=None, unique_id=None):  # fmt: skip
         from .operations import encode_node
 
-        request = self._request(preset, endpoint, transfer, timeout, token_env)
+        request = self._request(preset, endpoint, transfer, timeout)
         return (encode_node(unique_id, pixels, vae, request),)
 
 

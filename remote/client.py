@@ -137,7 +137,7 @@ def remote_decode(
     Keyword-only options: `extensions` (our optional query parameters, appended after diffusers'
     ones), `expected_shape` (checked against a tensor response; None or -1 entries match anything)
     and the `TransportOptions`: `timeout` (connect, read) seconds, `retries`/`backoff`, bearer
-    `token` (else the env var named by `token_env`), `cold_start_timeout` (sent as
+    `token` (else the one bound to the endpoint in `tokens`), `cold_start_timeout` (sent as
     X-Scale-Up-Timeout), `progress`, `cancel`, `session`. Every failure raises RemoteVAEError.
     """
     _warn_base64("input_tensor_type", input_tensor_type)

@@ -82,12 +82,12 @@ def server_message(body: bytes) -> str | None:
     return clip(text) or None
 
 
-def status_hint(status: int, token_sent: bool, token_env: str | None) -> str | None:
+def status_hint(status: int, token_sent: bool, token_advice: str | None = None) -> str | None:
+    """What to do about `status`; `token_advice` says how to get a token to this server when none was sent."""
     if status in (401, 403):
         if token_sent:
             return "the server refused the token; check that it is the one the server was started with"
-        where = f" or set ${token_env}" if token_env else ""
-        return f"the server wants a token: pass token=...{where}"
+        return token_advice or "the server wants a token"
     hints = {
         404: "wrong URL or model name: check the endpoint (e.g. http://host:8190/<model>); "
         "the published Hugging Face endpoints may have been retired",

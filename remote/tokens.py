@@ -75,60 +75,83 @@ def check_token(token: str, where: str) -> str:
     return token
 
 
-@dataclass(frozen=True)
-class Binding:
-    origin: str
-    token: str
-    allow_http: bool = False
+SETTINGS_FILE_ENV = "REMOTE_VAE_TOKENS_FILE"  # where the client reads the settings file outside ComfyUI
 
 
 @dataclass
 class TokenStore:
     """Which token each server origin gets; `token_for(url)` is all a client asks."""
 
-    bindings: dict[str, Binding] = field(default_factory=dict)
+    bindings: dict[str, str] = field(default_factory=dict)  # origin -> token
+    allow_http: set[str] = field(default_factory=set)  # origins a token may reach over plain http
     hf_token: str | None = None
 
     @classmethod
     def load(cls, settings_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> TokenStore:
+        """The file's bindings, then the environment's (which win); `settings_file` None: $REMOTE_VAE_TOKENS_FILE."""
         environ = os.environ if environ is None else environ
-        store = cls(read_settings(settings_file) if settings_file else {})
-        allowed = {origin_of(o) for o in _SEPARATORS.split(environ.get(ALLOW_HTTP_ENV, "")) if o}
+        settings_file = settings_file or environ.get(SETTINGS_FILE_ENV)
+        store = cls()
+        if settings_file:
+            for binding in read_settings(settings_file):
+                store.bind(binding.origin, binding.token, allow_http=binding.allow_http)
         for origin, token in parse_pairs(environ.get(TOKENS_ENV, "")).items():
-            store.bindings[origin] = Binding(origin, token)
-        for origin in allowed:
-            if origin in store.bindings:
-                store.bindings[origin] = Binding(origin, store.bindings[origin].token, allow_http=True)
+            store.bind(origin, token)
+        store.allow_http |= {origin_of(o) for o in _SEPARATORS.split(environ.get(ALLOW_HTTP_ENV, "")) if o}
         hf = environ.get(HF_TOKEN_ENV, "").strip()
         store.hf_token = check_token(hf, HF_TOKEN_ENV) if hf else None
         return store
 
+    def bind(self, url: str, token: str, *, allow_http: bool = False) -> None:
+        origin = origin_of(url)
+        self.bindings[origin] = check_token(token, origin)
+        if allow_http:
+            self.allow_http.add(origin)
+
     def token_for(self, url: str) -> str | None:
-        """The token bound to `url`'s origin, where it may travel; else None."""
+        """The token bound to `url`'s origin (or HF_TOKEN for a Hugging Face endpoint), where it may travel."""
         try:
             origin = origin_of(url)
         except TokenError:
             return None
-        if self.withheld(origin):
+        if self.plain_http_refusal(origin):
             return None
-        binding = self.bindings.get(origin)
-        if binding is not None:
-            return binding.token
-        if self.hf_token and origin.startswith("https://") and urlsplit(origin).hostname.endswith(HF_HOST_SUFFIX):
-            return self.hf_token
-        return None
+        if origin in self.bindings:
+            return self.bindings[origin]
+        host = urlsplit(origin).hostname or ""
+        return self.hf_token if origin.startswith("https://") and host.endswith(HF_HOST_SUFFIX) else None
 
     def withheld(self, url: str) -> str | None:
-        """Why a bound token is not sent to `url` (plain http to another machine), or None."""
+        """Why the token bound to `url`'s origin is not sent there, or None."""
+        try:
+            origin = origin_of(url)
+        except TokenError:
+            return None
+        return self.plain_http_refusal(origin) if origin in self.bindings else None
+
+    def plain_http_refusal(self, url: str) -> str | None:
+        """Why no token may travel to `url` (plain http to another machine, not allowed), or None."""
         origin = origin_of(url)
-        binding = self.bindings.get(origin)
-        if binding is None or not origin.startswith("http://") or binding.allow_http or is_loopback(origin):
+        if not origin.startswith("http://") or origin in self.allow_http or is_loopback(origin):
             return None
         return (
-            f"a token is configured for {origin} but is not sent over plain http to another machine; "
-            f"use https, or allow that origin explicitly ({ALLOW_HTTP_ENV}={origin} or the setting "
-            "'allow over plain http')"
+            f"a token is not sent over plain http to another machine ({origin}); use https, or allow "
+            f"that origin explicitly ({ALLOW_HTTP_ENV}={origin}, or 'allow over plain http' in ComfyUI's "
+            "settings under Remote VAE)"
         )
+
+    def describe(self) -> list[dict]:
+        """What the settings entry shows: origins and flags, never tokens."""
+        return [{"origin": o, "allow_http": o in self.allow_http} for o in self.bindings]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One entry of the settings file."""
+
+    origin: str
+    token: str
+    allow_http: bool = False
 
 
 def parse_pairs(text: str) -> dict[str, str]:
@@ -147,25 +170,25 @@ def parse_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
-def read_settings(path: str | Path) -> dict[str, Binding]:
+def read_settings(path: str | Path) -> list[Binding]:
     """The settings file's bindings; a missing file binds nothing."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}
+        return []
     except (OSError, ValueError) as exc:
         raise TokenError(f"the token settings file {path} cannot be read ({type(exc).__name__}); fix or delete it") from None
     servers = data.get("servers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
         raise TokenError(f"the token settings file {path} has no 'servers' object; fix or delete it")
-    bindings = {}
+    bindings = []
     for origin, entry in servers.items():
         origin = origin_of(origin)
         token = entry.get("token") if isinstance(entry, dict) else None
         if not isinstance(token, str):
             raise TokenError(f"the token settings file {path} has no token string for {origin}; fix or delete it")
-        bindings[origin] = Binding(origin, check_token(token, origin), bool(entry.get("allow_http", False)))
+        bindings.append(Binding(origin, check_token(token, origin), bool(entry.get("allow_http", False))))
     return bindings
 
 
@@ -176,7 +199,7 @@ def write_binding(path: str | Path, url: str, token: str | None, *, allow_http: 
     """
     path = Path(path)
     origin = origin_of(url)
-    bindings = read_settings(path)
+    bindings = {b.origin: b for b in read_settings(path)}
     if token is None:
         bindings.pop(origin, None)
     else:
@@ -190,6 +213,13 @@ def write_binding(path: str | Path, url: str, token: str | None, *, allow_http: 
     return origin
 
 
-def describe(store: TokenStore) -> list[dict]:
-    """What the settings entry shows: origins and flags, never tokens."""
-    return [{"origin": b.origin, "allow_http": b.allow_http} for b in store.bindings.values()]
+def how_to_bind(url: str) -> str:
+    """Advice for a server that wants a token none is bound to."""
+    try:
+        origin = origin_of(url)
+    except TokenError:
+        origin = "ORIGIN"
+    return (
+        f"the server wants a token: bind one to {origin} in ComfyUI's settings (Remote VAE, server tokens), "
+        f"or set {TOKENS_ENV}={origin}=<token> where ComfyUI (or your script) starts"
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.utils
 import io
 import logging
-import os
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ from .errors import (
     status_hint,
 )
 from .reply import Reply, Transfer
+from .tokens import TokenError, TokenStore, check_token, how_to_bind, origin_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 300.0)  # (connect, read) seconds
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
-DEFAULT_TOKEN_ENV = "REMOTE_VAE_TOKEN"
 MAX_BACKOFF = 30.0  # cap of backoff * 2**attempt
 MAX_RETRY_AFTER = 60.0  # cap of a server's Retry-After
 POLL_INTERVAL = 0.1  # how often cancel() is polled while waiting (the brief asks for <= 0.25 s)
@@ -63,7 +62,9 @@ class TransportOptions(TypedDict, total=False):
 
     `timeout`: (connect, read) seconds, or one number for both (default DEFAULT_TIMEOUT).
     `retries` / `backoff`: how often and how soon to retry (see `send_one`).
-    `token`: the bearer token, else the one in the environment variable named `token_env`.
+    `token`: a bearer token for this call; else the one bound to the endpoint's origin in `tokens`
+    (default: `TokenStore.load()`, the local configuration; see remote/tokens.py). Neither travels over
+    plain http to another machine unless that origin is allowed explicitly.
     `cold_start_timeout`: sent as X-Scale-Up-Timeout; the read timeout is at least this long.
     `progress(bytes_sent, total_to_send, bytes_received, total_to_receive_or_None)` and `cancel()`:
     called from the calling thread. `session`: a requests.Session (default: one per thread).
@@ -73,7 +74,7 @@ class TransportOptions(TypedDict, total=False):
     retries: int
     backoff: float
     token: str | None
-    token_env: str | None
+    tokens: TokenStore | None
     cold_start_timeout: int | None
     progress: Progress | None
     cancel: Cancel | None
@@ -101,11 +102,25 @@ def thread_session() -> requests.Session:
     return session
 
 
-def resolve_token(token: str | None, token_env: str | None) -> str | None:
-    if token is None and token_env:
-        token = os.environ.get(token_env)
-    token = (token or "").strip()
-    return token or None
+def authorization(endpoint: str, where: str, options: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The token this request carries and, when none does, advice for a 401.
+
+    An explicit `token` goes where the caller sends it, except over plain http to another machine; else
+    the token bound to the endpoint's origin in the local configuration, if any.
+    """
+    try:
+        store = options.get("tokens") or TokenStore.load()
+        explicit = options.get("token")
+        if explicit is None:
+            token = store.token_for(endpoint)
+            return token, None if token else (store.withheld(endpoint) or how_to_bind(endpoint))
+        token = check_token(explicit, origin_of(endpoint))
+    except TokenError as exc:
+        raise RemoteVAEError(where, f"was not sent: {exc}", hint="fix the token configuration") from None
+    refusal = store.plain_http_refusal(endpoint)
+    if refusal:
+        raise RemoteVAEError(where, "was not sent its token", hint=refusal)
+    return token, None
 
 
 def split_timeout(
@@ -318,8 +333,7 @@ def send_one(endpoint: str, wire: protocol.WireRequest, **options: Unpack[Transp
     connect_timeout, read_timeout = split_timeout(options.get("timeout", DEFAULT_TIMEOUT), cold_start_timeout)
     retries = options.get("retries", DEFAULT_RETRIES)
     backoff = options.get("backoff", DEFAULT_BACKOFF)
-    token_env = options.get("token_env", DEFAULT_TOKEN_ENV)
-    token = resolve_token(options.get("token"), token_env)
+    token, token_advice = authorization(endpoint, where, options)
     progress, cancel = options.get("progress"), options.get("cancel")
     headers = dict(wire.headers)
     if token:
@@ -368,7 +382,7 @@ def send_one(endpoint: str, wire: protocol.WireRequest, **options: Unpack[Transp
         else:
             if 200 <= answer.status < 300:
                 return _reply(where, answer, attempt + 1, started)
-            error = _http_error(where, answer, token, token_env)
+            error = _http_error(where, answer, token, token_advice)
             if answer.status not in RETRY_STATUSES:
                 raise error
             delay = retry_after_seconds(answer.headers.get("retry-after"))
@@ -408,14 +422,14 @@ def _connection_error(
     )
 
 
-def _http_error(where: str, answer: _Answer, token: str | None, token_env: str | None) -> RemoteVAEError:
+def _http_error(where: str, answer: _Answer, token: str | None, token_advice: str | None) -> RemoteVAEError:
     message = redact(server_message(answer.body), token)
     return RemoteVAEError(
         where,
         f"answered {answer.status}: {message or answer.reason or 'no message'}",
         status=answer.status,
         server_message=message,
-        hint=status_hint(answer.status, token is not None, token_env),
+        hint=status_hint(answer.status, token is not None, token_advice),
     )
 
 

@@ -1,5 +1,6 @@
 // Remote VAE nodes in the ComfyUI editor: a "check endpoint" button, the chosen preset's latent
-// layout, the last run's transfer, and the server's warnings.
+// layout, the last run's transfer, and the server's warnings; and a settings entry that binds bearer
+// tokens to servers (write-only: a token goes to ComfyUI's server once and is never shown again).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -8,7 +9,8 @@ const PANEL = "remote_vae_info";
 const CHECK_BUTTON = "check endpoint";
 const STATE = Symbol("remote_vae");
 // Our nodes are known by their inputs, so the extension follows renamed or prefixed node ids.
-const SIGNATURE = ["preset", "endpoint", "token_env"];
+const SIGNATURE = ["preset", "endpoint", "transfer", "timeout"];
+const TOKENS_SETTING = "RemoteVAE.ServerTokens";
 const LINES = ["preset", "check", "transfer", "warning"];
 const MIN_PANEL_HEIGHT = 40;
 const PANEL_MARGIN = 4;
@@ -172,7 +174,7 @@ async function checkEndpoint(node) {
     return;
   }
   setLine(node, "check", `checking ${endpoint} …`, "muted");
-  const query = new URLSearchParams({ endpoint, token_env: String(widgetValue(node, "token_env") ?? "") });
+  const query = new URLSearchParams({ endpoint });
   try {
     const response = await api.fetchApi(`/remote_vae/health?${query}`);
     if (!response.ok) throw new Error(`GET /remote_vae/health answered ${response.status}`);
@@ -213,26 +215,133 @@ function setUpNode(node, encodes) {
   showPreset(node);
 }
 
+// Workflows saved before tokens were bound to servers carry one more widget value (a variable name).
+// It is ignored; say so once per session.
+let warnedLegacyToken = false;
+
+function warnIfLegacyToken(node, info) {
+  const serialized = (node.widgets ?? []).filter((w) => w.serialize !== false && w.options?.serialize !== false);
+  const extra = (info?.widgets_values ?? []).slice(serialized.length);
+  if (warnedLegacyToken || !extra.some((value) => typeof value === "string" && value.trim())) return;
+  warnedLegacyToken = true;
+  notify(
+    "This workflow names a token variable (token_env), which is now ignored: bind a server's token to its " +
+      "address in Settings > Remote VAE instead. Workflows never carry secrets.",
+    node,
+  );
+}
+
+// ----------------------------------------------------------------------------- server tokens (settings)
+
+async function tokenRequest(method, body) {
+  const response = await api.fetchApi("/remote_vae/tokens", {
+    method,
+    headers: body ? { "Content-Type": "application/json" } : undefined,
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const data = await response.json().catch(() => ({ error: `answered ${response.status}` }));
+  if (!response.ok || data.error) throw new Error(data.error ?? `answered ${response.status}`);
+  return data;
+}
+
+function element(tag, properties = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), properties);
+  node.append(...children);
+  return node;
+}
+
+// The settings entry: bound origins (never their tokens), and a form that binds or replaces one.
+function renderTokenSettings() {
+  const list = element("div", { className: "remote-vae-token-list" });
+  const status = element("div", { className: "remote-vae-token-status" });
+  const endpoint = element("input", { type: "text", placeholder: "https://gpu-box:8190", name: "endpoint" });
+  const token = element("input", { type: "password", placeholder: "token", name: "token", autocomplete: "off" });
+  const allowHttp = element("input", { type: "checkbox", name: "allow_http" });
+  const save = element("button", { type: "button", textContent: "Save token" });
+  const say = (text, tone = "info") => Object.assign(status, { textContent: text }).style.setProperty("color", TONES[tone]);
+
+  async function refresh() {
+    try {
+      const data = await tokenRequest("GET");
+      list.replaceChildren(
+        ...data.servers.map((server) =>
+          element(
+            "div",
+            { className: "remote-vae-token-origin" },
+            `${server.origin}${server.allow_http ? " (plain http allowed)" : ""} `,
+            element("button", {
+              type: "button",
+              textContent: "Remove",
+              onclick: () => bind({ endpoint: server.origin, token: null }),
+            }),
+          ),
+        ),
+        ...data.environment.map((origin) => element("div", { textContent: `${origin} (from REMOTE_VAE_TOKENS)` })),
+      );
+      if (!data.servers.length && !data.environment.length) list.textContent = "No server has a token.";
+    } catch (error) {
+      say(`✗ ${error.message}`, "error");
+    }
+  }
+
+  async function bind(body) {
+    try {
+      const answer = await tokenRequest("POST", body);
+      say(answer.bound ? `✓ token saved for ${answer.origin}` : `✓ token removed for ${answer.origin}`, "ok");
+    } catch (error) {
+      say(`✗ ${error.message}`, "error");
+    }
+    await refresh();
+  }
+
+  save.onclick = async () => {
+    await bind({ endpoint: endpoint.value.trim(), token: token.value, allow_http: allowHttp.checked });
+    token.value = ""; // write-only: the field never keeps or shows a saved token
+  };
+  refresh();
+  return element(
+    "div",
+    { className: "remote-vae-token-settings" },
+    list,
+    element("div", {}, endpoint, " ", token),
+    element("label", {}, allowHttp, " allow over plain http (only for a server on a network you trust)"),
+    element("div", {}, save),
+    status,
+  );
+}
+
+function notify(message, node) {
+  const toast = app.extensionManager?.toast;
+  if (typeof toast?.add === "function") {
+    toast.add({ severity: "warn", summary: "Remote VAE", detail: message, life: 10000 });
+    return;
+  }
+  if (node?.[STATE]) setLine(node, "warning", `⚠ ${message}`, "error");
+}
+
 function onTransfer({ detail }) {
   const node = findNode(detail?.node);
   if (node?.[STATE]) setLine(node, "transfer", describeTransfer(detail), "info");
 }
 
 function onWarning({ detail }) {
-  const message = String(detail?.message ?? "");
-  const toast = app.extensionManager?.toast;
-  if (typeof toast?.add === "function") {
-    toast.add({ severity: "warn", summary: "Remote VAE", detail: message, life: 10000 });
-    return;
-  }
-  const node = findNode(detail?.node);
-  if (node?.[STATE]) setLine(node, "warning", `⚠ ${message}`, "error");
+  notify(String(detail?.message ?? ""), findNode(detail?.node));
 }
 
 // ComfyUI may list this folder twice (under the pack's folder name and its pyproject name).
 if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
   app.registerExtension({
     name: EXTENSION,
+
+    settings: [
+      {
+        id: TOKENS_SETTING,
+        category: ["Remote VAE", "Servers", "Tokens"],
+        name: "Server tokens (bound to each server's address; never saved in workflows)",
+        type: renderTokenSettings, // a custom entry: the value stays empty, tokens go to ComfyUI's server
+        defaultValue: "",
+      },
+    ],
 
     async setup() {
       api.addEventListener("remote_vae.transfer", onTransfer);
@@ -246,6 +355,12 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
       nodeType.prototype.onNodeCreated = function (...args) {
         const result = onNodeCreated?.apply(this, args);
         setUpNode(this, encodes);
+        return result;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function (info, ...rest) {
+        const result = onConfigure?.apply(this, [info, ...rest]);
+        warnIfLegacyToken(this, info);
         return result;
       };
       // Follow the preset however it changes (picked, loaded with a workflow, undone): compare on draw.

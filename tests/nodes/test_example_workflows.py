@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from remote_vae.nodes import NODE_CLASS_MAPPINGS
-from remote_vae.nodes.resolve import endpoint_url, token_variable
+from remote_vae.nodes.resolve import endpoint_url
 from remote_vae.remote.presets import PRESETS
 from support.comfyui_harness import core_node_types
 
@@ -33,7 +33,7 @@ NODE_KEYS = {
     "properties",
     "widgets_values",
 }
-OUR_WIDGETS = ["preset", "endpoint", "transfer", "timeout", "token_env"]
+OUR_WIDGETS = ["preset", "endpoint", "transfer", "timeout"]
 
 
 def load(path: Path) -> dict:
@@ -136,7 +136,7 @@ def test_our_widget_values_are_valid_and_runnable(path):
         assert values["transfer"] in spec["required"]["transfer"][0]
         timeout = spec["required"]["timeout"][1]
         assert isinstance(values["timeout"], int) and timeout["min"] <= values["timeout"] <= timeout["max"]
-        assert token_variable(values["token_env"]) == "REMOTE_VAE_TOKEN"
+        assert not any("TOKEN" in str(value).upper() for value in node["widgets_values"])  # no secret, no variable
         # an explicit preset whose endpoint resolves: the workflow runs without editing (or says where to point)
         assert values["preset"] in PRESETS
         operation = "encode" if node["type"] == "RemoteVAEEncode" else "decode"

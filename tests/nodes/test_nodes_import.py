@@ -82,7 +82,7 @@ def _widgets(node_type: str) -> dict:
 def test_decode_inputs(node_type):
     spec = _widgets(node_type)
     assert list(spec["required"]) == ["samples", "preset", "endpoint", "transfer", "timeout"]
-    assert list(spec["optional"]) == ["vae", "token_env"]
+    assert list(spec["optional"]) == ["vae"]  # no token input: tokens are bound to servers locally
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
     assert spec["required"]["samples"][0] == "LATENT"
     assert spec["required"]["endpoint"] == ("STRING", spec["required"]["endpoint"][1])
@@ -90,8 +90,6 @@ def test_decode_inputs(node_type):
     timeout = spec["required"]["timeout"]
     assert timeout[0] == "INT" and timeout[1]["default"] == 300 and timeout[1]["min"] == 5
     assert spec["optional"]["vae"][0] == "VAE"
-    assert spec["optional"]["token_env"][0] == "STRING"
-    assert spec["optional"]["token_env"][1]["default"] == "REMOTE_VAE_TOKEN"
     presets, preset_options = spec["required"]["preset"]
     transfers, transfer_options = spec["required"]["transfer"]
     assert preset_options["default"] == "auto" and transfer_options["default"] == "lossless"
@@ -109,7 +107,7 @@ def test_encode_inputs():
     assert spec["required"]["pixels"][0] == "IMAGE"
     assert spec["required"]["preset"][0] == ["auto", *PRESETS]
     assert spec["required"]["transfer"][0] == ["lossless", "exact"]
-    assert list(spec["optional"]) == ["vae", "token_env"]
+    assert list(spec["optional"]) == ["vae"]
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
 
 

@@ -19,6 +19,7 @@ from remote_vae.nodes.convert import crop_pixels
 from remote_vae.nodes.operations import NodeRequest, RunOptions
 from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.vae_nodes import RemoteVAEDecode, RemoteVAEEncode, RemoteVideoDecode
+from remote_vae.remote import tokens
 from remote_vae.remote.client import RemoteVAECancelled, RemoteVAEError
 from remote_vae.remote.presets import PresetError
 from remote_vae.testing import comfy_decode, comfy_encode
@@ -165,10 +166,6 @@ def test_decode_input_errors_before_any_request(server):
         )
     with pytest.raises(NodeInputError, match="timeout 1 s is below the minimum of 5 s"):
         node.decode({"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 1)
-    with pytest.raises(NodeInputError, match="NAME of an environment variable"):
-        node.decode(
-            {"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 300, token_env="hf abc"
-        )
 
 
 # --------------------------------------------------------------------------- encode
@@ -324,17 +321,22 @@ def test_reply_of_the_wrong_shape_is_an_error_and_falls_back(models):
         assert vae.calls == 1
 
 
-def test_token_is_read_from_the_named_variable_and_sent(monkeypatch):
-    monkeypatch.setenv("MY_VAE_TOKEN", "s3cret-token")
+def test_the_token_bound_to_the_servers_origin_is_sent_and_no_other(monkeypatch):
+    monkeypatch.setenv("MY_VAE_TOKEN", "never-sent")  # a variable a shared workflow might name: not read
     answer = stub_servers.tensor_answer(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
-    with stub_servers.recorder(answer) as stub:
-        url = stub.url + "sd15"
-        RemoteVAEDecode().decode(
-            {"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="MY_VAE_TOKEN"
-        )
-        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", url, "lossless", 300, token_env="")
+    with stub_servers.recorder(answer) as stub, stub_servers.recorder(answer) as other:
+        monkeypatch.setenv(tokens.TOKENS_ENV, f"{stub.url.rstrip('/')}=s3cret-token")
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", stub.url + "sd15", "lossless", 300)
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", other.url + "sd15", "lossless", 300)
     assert stub.requests[0].header("Authorization") == "Bearer s3cret-token"
-    assert stub.requests[1].header("Authorization") is None
+    assert other.requests[0].header("Authorization") is None
+
+
+def test_a_broken_token_configuration_is_a_clear_node_error(monkeypatch, server):
+    monkeypatch.setenv(tokens.TOKENS_ENV, "s3cret-pasted-alone")
+    with pytest.raises(NodeInputError, match="the server token configuration cannot be used") as info:
+        RemoteVAEDecode().decode({"samples": latent(1, 4, 4, 4)}, "sd15", f"{server}/sd15", "lossless", 300)
+    assert "s3cret" not in str(info.value)
 
 
 @pytest.mark.timeout(60)  # a broken cancel would wait for the 300 s read timeout: the test fails, never hangs

@@ -154,15 +154,6 @@ def test_endpoint_url():
     assert resolve.endpoint_url(several, sd15, "decode") == several
 
 
-def test_token_variable_is_a_name_never_a_token():
-    assert resolve.token_variable("REMOTE_VAE_TOKEN") == "REMOTE_VAE_TOKEN"
-    assert resolve.token_variable(" ") is None and resolve.token_variable(None) is None
-    secret = "Bearer abc.def-123"
-    with pytest.raises(resolve.NodeInputError, match="NAME of an environment variable") as caught:
-        resolve.token_variable(secret)
-    assert secret not in str(caught.value)
-
-
 # --------------------------------------------------------------------------- conversions
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from remote_vae.nodes import routes
 from remote_vae.nodes.routes import CheckError, auth_headers, candidate_bases, check_endpoint, parse_endpoint
+from remote_vae.remote import tokens
 from remote_vae.remote.presets import PRESETS
 from support.net import free_port
 
@@ -66,13 +67,15 @@ def text_reply(text, status=200, content_type="text/plain"):
 OK_HEALTH = {"/health": json_reply({"status": "ok"})}
 
 
-def run_check(handlers, endpoint_path="/", token_env="", timeout=routes.DEFAULT_TIMEOUT):
-    """Serve `handlers`, check `<base><endpoint_path>`, return (result, requests seen, base URL)."""
+def run_check(handlers, endpoint_path="/", bind=None, timeout=routes.DEFAULT_TIMEOUT):
+    """Serve `handlers`, check `<base><endpoint_path>` (with the token `bind` bound to the server's origin),
+    return (result, requests seen, base URL)."""
 
     async def scenario():
         seen: list = []
         async with serve(handlers, seen) as base:
-            result = await check_endpoint(base + endpoint_path, token_env, timeout=timeout)
+            store = tokens.TokenStore({base: bind}) if bind else None
+            result = await check_endpoint(base + endpoint_path, store, timeout=timeout)
         return result, seen, base
 
     return asyncio.run(scenario())
@@ -126,47 +129,45 @@ def test_health_is_asked_at_the_endpoint_path_when_no_server_base_is_found():
 # --------------------------------------------------------------------------- tokens
 
 
-def test_token_from_the_named_environment_variable_is_sent(monkeypatch):
-    monkeypatch.setenv("REMOTE_VAE_TEST_TOKEN", "s3cret")
+def test_the_token_bound_to_the_servers_origin_is_sent(monkeypatch):
+    monkeypatch.setenv("REMOTE_VAE_TOKEN", "never-sent")  # an unbound variable is not read
 
     async def models(request):
         if request.headers.get("Authorization") != "Bearer s3cret":
             return web.json_response({"error": "unauthorized"}, status=401)
         return web.json_response(MODELS)
 
-    result, seen, _ = run_check({**OK_HEALTH, "/v1/models": models}, token_env="REMOTE_VAE_TEST_TOKEN")
+    result, seen, _ = run_check({**OK_HEALTH, "/v1/models": models}, bind="s3cret")
     assert result["ok"] and result["models"] == MODELS
     assert seen == [("/v1/models", "Bearer s3cret"), ("/health", "Bearer s3cret")]
     assert "s3cret" not in json.dumps(result)
 
 
 def test_missing_token_is_reported_as_needing_one(monkeypatch):
-    monkeypatch.delenv("REMOTE_VAE_TEST_TOKEN", raising=False)
+    monkeypatch.delenv(tokens.TOKENS_ENV, raising=False)
     handlers = {**OK_HEALTH, "/v1/models": json_reply({"error": "unauthorized"}, status=401)}
-    result, seen, base = run_check(handlers, token_env="REMOTE_VAE_TEST_TOKEN")
+    result, seen, base = run_check(handlers)
     assert result["ok"] is False and result["status"] == 200
     assert result["error"] == (
         f"server is up but GET {base}/v1/models answered 401: it wants a token; "
-        "set token_env to the name of an environment variable that holds it"
+        f"bind one to {base} in Settings > Remote VAE"
     )
     assert all(auth is None for _, auth in seen)
 
 
-@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "PATH", "HF-TOKEN", "TOKEN;rm"])
-def test_token_env_that_is_not_a_token_name_is_refused_before_any_request(name, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-send")
-    result, seen, _ = run_check(OK_HEALTH, token_env=name)
+def test_a_broken_token_configuration_is_reported_before_any_request(monkeypatch):
+    monkeypatch.setenv(tokens.TOKENS_ENV, "AWS_SECRET_VALUE_PASTED")
+    result, seen, _ = run_check(OK_HEALTH)
     assert result["ok"] is False and result["status"] is None
-    assert result["error"].startswith(f"token_env {name!r} is not allowed here")
-    assert seen == []
+    assert result["error"].startswith("the server token configuration cannot be used: REMOTE_VAE_TOKENS holds")
+    assert "AWS_SECRET" not in result["error"] and seen == []
 
 
-def test_auth_headers_are_empty_for_no_name_or_an_unset_variable(monkeypatch):
-    monkeypatch.delenv("REMOTE_VAE_TEST_TOKEN", raising=False)
-    assert auth_headers("") == {}
-    assert auth_headers("REMOTE_VAE_TEST_TOKEN") == {}
-    monkeypatch.setenv("hf_token", " abc ")
-    assert auth_headers("hf_token") == {"Authorization": "Bearer abc"}
+def test_auth_headers_only_for_the_bound_origin():
+    store = tokens.TokenStore({"http://127.0.0.1:8190": "abc"})
+    assert auth_headers("http://127.0.0.1:8190/sd15", store) == {"Authorization": "Bearer abc"}
+    assert auth_headers("http://127.0.0.1:8191/sd15", store) == {}
+    assert auth_headers("https://elsewhere.example/", store) == {}
 
 
 # --------------------------------------------------------------------------- errors as data
@@ -281,28 +282,34 @@ def test_parse_endpoint_and_candidate_bases():
 # --------------------------------------------------------------------------- the routes themselves
 
 
+@contextlib.asynccontextmanager
+async def our_routes():
+    """Our routes on an aiohttp app on a free 127.0.0.1 port; yields its base URL."""
+    table = web.RouteTableDef()
+    routes.register(table)
+    app = web.Application()
+    app.add_routes(table)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
 def test_routes_answer_over_http():
     async def scenario():
-        table = web.RouteTableDef()
-        routes.register(table)
-        app = web.Application()
-        app.add_routes(table)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        async with our_routes() as ours:
             async with serve({**OK_HEALTH, "/v1/models": json_reply(MODELS)}) as vae, aiohttp.ClientSession() as s:
-                async with s.get(f"http://127.0.0.1:{port}/remote_vae/presets") as r:
+                async with s.get(f"{ours}/remote_vae/presets") as r:
                     presets = (r.status, await r.json())
-                async with s.get(f"http://127.0.0.1:{port}/remote_vae/health", params={"endpoint": vae}) as r:
+                async with s.get(f"{ours}/remote_vae/health", params={"endpoint": vae}) as r:
                     good = (r.status, await r.json())
-                async with s.get(f"http://127.0.0.1:{port}/remote_vae/health?endpoint=ftp://x") as r:
+                async with s.get(f"{ours}/remote_vae/health?endpoint=ftp://x") as r:
                     bad = (r.status, await r.json())
                 return presets, good, bad, vae
-        finally:
-            await runner.cleanup()
 
     presets, good, bad, vae = asyncio.run(scenario())
     assert presets == (200, {"presets": json.loads(json.dumps([p.describe() for p in PRESETS.values()]))})
@@ -319,4 +326,62 @@ def test_registers_on_comfyui_prompt_server_only_when_there_is_one(monkeypatch):
     table = web.RouteTableDef()
     fake.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(routes=table))
     assert routes._register_with_comfyui() is True
-    assert sorted(route.path for route in table) == ["/remote_vae/health", "/remote_vae/presets"]
+    assert sorted(f"{route.method} {route.path}" for route in table) == [
+        "GET /remote_vae/health", "GET /remote_vae/presets", "GET /remote_vae/tokens", "POST /remote_vae/tokens",
+    ]  # fmt: skip
+
+
+def test_token_routes_bind_and_list_origins_and_never_answer_a_token(monkeypatch, tmp_path):
+    settings = tmp_path / "user" / "remote_vae" / "tokens.json"
+    monkeypatch.setattr(routes.comfy_runtime, "tokens_file", lambda: settings)
+    monkeypatch.setenv(tokens.TOKENS_ENV, "https://from-env.example=env-secret")
+    secret = "s3cret-bound-token"
+
+    async def models(request):
+        ok = request.headers.get("Authorization") == f"Bearer {secret}"
+        return web.json_response(MODELS if ok else {"error": "unauthorized"}, status=200 if ok else 401)
+
+    async def scenario():
+        answers = []
+        async with our_routes() as ours, serve({**OK_HEALTH, "/v1/models": models}) as vae:
+            async with aiohttp.ClientSession() as s:
+                for body in (
+                    {"endpoint": vae + "/sd15", "token": secret},
+                    {"endpoint": "http://10.0.0.9:8190/x", "token": "lan-token", "allow_http": True},
+                    {"endpoint": vae, "token": secret + "\u20ac"},
+                    {"endpoint": "ftp://nowhere", "token": secret},
+                    [secret],
+                ):
+                    async with s.post(f"{ours}/remote_vae/tokens", json=body) as r:
+                        answers.append((r.status, await r.text()))
+                async with s.get(f"{ours}/remote_vae/tokens") as r:
+                    listed = (r.status, await r.text())
+                async with s.get(f"{ours}/remote_vae/health", params={"endpoint": vae}) as r:
+                    health = await r.json()
+                async with s.post(f"{ours}/remote_vae/tokens", json={"endpoint": vae, "token": None}) as r:
+                    answers.append((r.status, await r.text()))
+        return answers, listed, health, vae
+
+    answers, listed, health, vae = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [200, 200, 400, 400, 400, 200]
+    assert json.loads(answers[0][1]) == {"ok": True, "origin": vae, "bound": True}
+    assert "cannot travel in an HTTP header" in answers[2][1] and "is not an http(s) URL" in answers[3][1]
+    assert json.loads(listed[1]) == {
+        "servers": [{"origin": vae, "allow_http": False}, {"origin": "http://10.0.0.9:8190", "allow_http": True}],
+        "environment": ["https://from-env.example"],
+    }
+    assert all(secret not in text and "env-secret" not in text for _, text in [*answers, listed])
+    assert health["ok"] and health["models"] == MODELS  # the check sends the token bound in the file
+    assert json.loads(answers[-1][1])["bound"] is False
+    assert [b.origin for b in tokens.read_settings(settings)] == ["http://10.0.0.9:8190"]
+
+
+def test_token_routes_need_a_user_directory(monkeypatch):
+    monkeypatch.setattr(routes.comfy_runtime, "tokens_file", lambda: None)
+
+    async def scenario():
+        async with our_routes() as ours, aiohttp.ClientSession() as s:
+            async with s.get(f"{ours}/remote_vae/tokens") as r:
+                return r.status, await r.text()
+
+    assert asyncio.run(scenario()) == (503, "no ComfyUI user directory to keep tokens in")

@@ -32,6 +32,7 @@ from remote_vae.remote import (
     remote_decode,
     remote_encode,
     send,
+    tokens,
     transport,
 )
 from support.compare import assert_same
@@ -344,8 +345,12 @@ def test_extensions_and_cold_start_header_only_when_asked():
 # --------------------------------------------------------------------------- tokens
 
 
+def origin(url: str) -> str:
+    return "/".join(url.split("/")[:3])
+
+
 def test_token_from_argument(monkeypatch):
-    monkeypatch.delenv("REMOTE_VAE_TOKEN", raising=False)
+    monkeypatch.delenv(tokens.TOKENS_ENV, raising=False)
     with recorder(OK) as stub:
         send(stub.url, pt_wire(), token=TOKEN)
         send(stub.url, pt_wire())
@@ -353,24 +358,48 @@ def test_token_from_argument(monkeypatch):
     assert stub.requests[1].header("Authorization") is None
 
 
-def test_token_from_environment(monkeypatch):
-    monkeypatch.setenv("REMOTE_VAE_TOKEN", TOKEN)
-    monkeypatch.setenv("MY_VAE_TOKEN", "other-token")
-    with recorder(OK) as stub:
+def test_token_bound_to_the_origin_in_the_environment(monkeypatch):
+    monkeypatch.setenv("REMOTE_VAE_TOKEN", "an-unbound-token")  # the old, unbound variable is not read
+    with recorder(OK) as stub, recorder(OK) as other:
+        monkeypatch.setenv(tokens.TOKENS_ENV, f"{origin(stub.url)}={TOKEN}")
         send(stub.url, pt_wire())
-        send(stub.url, pt_wire(), token_env="MY_VAE_TOKEN")
-        send(stub.url, pt_wire(), token_env=None)
+        send(other.url, pt_wire())  # another port is another server: no token
         send(stub.url, pt_wire(), token="explicit")
-    assert [r.header("Authorization") for r in stub.requests] == [
-        f"Bearer {TOKEN}", "Bearer other-token", None, "Bearer explicit",
-    ]  # fmt: skip
+        send(stub.url, pt_wire(), tokens=tokens.TokenStore())  # an empty store of the caller's: no token
+    assert [r.header("Authorization") for r in stub.requests] == [f"Bearer {TOKEN}", "Bearer explicit", None]
+    assert other.requests[0].header("Authorization") is None
+
+
+def test_no_token_over_plain_http_to_another_machine(monkeypatch):
+    monkeypatch.setenv(tokens.TOKENS_ENV, f"http://gpu-box.invalid:8190={TOKEN}")
+    with pytest.raises(RemoteVAEError) as explicit:  # refused before anything is sent
+        send("http://gpu-box.invalid:8190/sd15", pt_wire(), token=TOKEN, retries=0)
+    assert "was not sent its token" in str(explicit.value) and "REMOTE_VAE_ALLOW_HTTP" in str(explicit.value)
+    assert TOKEN not in str(explicit.value)
+    store = tokens.TokenStore.load()
+    assert store.token_for("http://gpu-box.invalid:8190/sd15") is None  # the bound one is withheld too
+
+
+@pytest.mark.parametrize("bad", [TOKEN + "\u20ac", TOKEN[:4] + "\n" + TOKEN[4:], TOKEN + " more"])
+def test_a_token_that_cannot_travel_is_an_error_without_the_token(monkeypatch, bad):
+    with recorder(OK) as stub:
+        with pytest.raises(RemoteVAEError) as info:
+            send(stub.url, pt_wire(), token=bad)
+        monkeypatch.setenv(tokens.TOKENS_ENV, f"{origin(stub.url)}={bad}")
+        with pytest.raises(RemoteVAEError) as configured:
+            send(stub.url, pt_wire())
+    assert "cannot travel in an HTTP header" in str(info.value)
+    assert "cannot travel in an HTTP header" in str(configured.value) or "without '='" in str(configured.value)
+    for error in (info.value, configured.value):
+        assert all(part not in str(error) + repr(error) for part in (TOKEN[:4], TOKEN[4:]))
+    assert stub.requests == []
 
 
 def test_token_never_appears_in_errors_or_logs(monkeypatch, caplog):
-    monkeypatch.setenv("REMOTE_VAE_TOKEN", TOKEN)
     caplog.set_level(logging.DEBUG)
     echo = json_error(503, f"token {TOKEN} is over quota")  # a server that echoes what it got
     with flaky(99, echo, OK) as stub:
+        monkeypatch.setenv(tokens.TOKENS_ENV, f"{origin(stub.url)}={TOKEN}")
         with pytest.raises(RemoteVAEError) as info:
             remote_decode(stub.url, latent(), output_type="pt", return_type="pt", retries=1, **FAST)
     assert stub.requests[0].header("Authorization") == f"Bearer {TOKEN}"
@@ -383,13 +412,15 @@ def test_token_never_appears_in_errors_or_logs(monkeypatch, caplog):
     assert error.__cause__ is None and error.__context__ is None  # no chained request object holding headers
 
 
-def test_token_hints():
+def test_token_hints(monkeypatch):
+    monkeypatch.delenv(tokens.TOKENS_ENV, raising=False)
     with recorder(json_error(401, "unauthorized")) as stub:
         with pytest.raises(RemoteVAEError) as without:
-            send(stub.url, pt_wire(), token_env="NO_SUCH_TOKEN_VAR")
+            send(stub.url, pt_wire())
         with pytest.raises(RemoteVAEError) as wrong:
             send(stub.url, pt_wire(), token="nope")
-    assert "(hint: the server wants a token: pass token=... or set $NO_SUCH_TOKEN_VAR)" in str(without.value)
+    assert f"(hint: the server wants a token: bind one to {origin(stub.url)} in ComfyUI's settings" in str(without.value)
+    assert f"REMOTE_VAE_TOKENS={origin(stub.url)}=<token>" in str(without.value)
     assert "the server refused the token" in str(wrong.value) and "nope" not in str(wrong.value)
 
 

@@ -53,7 +53,8 @@ def test_plain_http_to_another_machine_needs_explicit_permission():
     s = store(env)
     assert s.token_for("http://10.1.2.3:8190/sd15") is None
     reason = s.withheld("http://10.1.2.3:8190/sd15")
-    assert "not sent over plain http" in reason and "REMOTE_VAE_ALLOW_HTTP=http://10.1.2.3:8190" in reason
+    assert "not sent over plain http to another machine (http://10.1.2.3:8190)" in reason
+    assert "REMOTE_VAE_ALLOW_HTTP=http://10.1.2.3:8190" in reason
     assert SECRET not in reason
     assert s.token_for("http://localhost:8190/sd15") == "loop"
     allowed = store({**env, tokens.ALLOW_HTTP_ENV: "http://10.1.2.3:8190"})
@@ -89,7 +90,7 @@ def test_settings_file_round_trip_is_private_and_env_wins(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     s = store({}, path)
     assert s.token_for("https://gpu-box:8190/x") == SECRET and s.token_for("http://10.1.2.3:8190/x") == "lan"
-    assert tokens.describe(s) == [
+    assert s.describe() == [
         {"origin": "https://gpu-box:8190", "allow_http": False},
         {"origin": "http://10.1.2.3:8190", "allow_http": True},
     ]
@@ -115,3 +116,10 @@ def test_a_broken_settings_file_is_named(tmp_path, content, message):
 
 def test_a_missing_settings_file_binds_nothing(tmp_path):
     assert store({}, tmp_path / "absent.json").bindings == {}
+    assert store({tokens.SETTINGS_FILE_ENV: str(tmp_path / "absent.json")}).bindings == {}
+
+
+def test_settings_file_from_the_environment(tmp_path):
+    path = tmp_path / "tokens.json"
+    tokens.write_binding(path, "https://gpu-box", SECRET)
+    assert store({tokens.SETTINGS_FILE_ENV: str(path)}).token_for("https://gpu-box/flux") == SECRET

@@ -36,7 +36,7 @@ pytestmark = [
 ARTIFACTS = REPO / "test-artifacts"
 EXTENSION = "remote_vae.ui"
 NODE_TYPES = ("RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode")
-INPUT_WIDGETS = {"preset", "endpoint", "transfer", "timeout", "token_env"}
+INPUT_WIDGETS = {"preset", "endpoint", "transfer", "timeout"}
 OUR_WIDGETS = ["check endpoint", "remote_vae_info"]
 APP = "window.comfyAPI.app.app"
 # The frontend asks api.comfy.org for release notes and node metadata; without network (or under the
@@ -262,7 +262,7 @@ def test_nodes_render_their_widgets_and_preset_facts(page):
           return [node.widgets_values, (await app.graphToPrompt()).output[{decode}].inputs];
         }})()"""
     )
-    assert saved == ["sd15", "", "lossless", 300, "REMOTE_VAE_TOKEN"]
+    assert saved == ["sd15", "", "lossless", 300]
     assert set(prompt) == INPUT_WIDGETS
 
     # Opening a saved workflow sets widget values without callbacks; the preset line still follows.
@@ -372,3 +372,66 @@ def test_warnings_become_toasts(page):
             true"""
     )
     assert wait_line(page, decode, "warning", ("⚠",)) == "⚠ on the node"
+
+
+# --------------------------------------------------------------------------- server tokens
+
+
+def test_the_settings_entry_binds_a_token_and_never_shows_it(page, comfy, vae_server):
+    secret = "s3cret-from-the-browser"
+    page.evaluate(
+        f"""(() => {{
+          const extension = {APP}.extensions.find((e) => e.name === {json.dumps(EXTENSION)});
+          const entry = extension.settings.find((s) => s.id === "RemoteVAE.ServerTokens");
+          const box = entry.type(entry.name, () => {{}}, entry.defaultValue);
+          box.id = "token-settings";
+          document.body.append(box);
+          box.querySelector("input[name=endpoint]").value = {json.dumps(vae_server + "/sd15")};
+          box.querySelector("input[name=token]").value = {json.dumps(secret)};
+          box.querySelector("button").click();
+          return true;
+        }})()"""
+    )
+    status = page.wait_for(
+        """document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "" """
+    )
+    assert status == f"✓ token saved for {vae_server}"
+    listed = page.wait_for(
+        """document.querySelector("#token-settings .remote-vae-token-origin")?.textContent || "" """
+    )
+    assert listed.startswith(vae_server)
+    assert page.evaluate('document.querySelector("#token-settings input[name=token]").value') == ""
+    assert secret not in page.evaluate("document.body.innerHTML")
+    with urllib.request.urlopen(comfy.url + "/api/remote_vae/tokens", timeout=30) as reply:
+        text = reply.read().decode()
+    assert json.loads(text)["servers"] == [{"origin": vae_server, "allow_http": False}] and secret not in text
+    page.evaluate(  # the Remove button unbinds it
+        """document.querySelector("#token-settings .remote-vae-token-origin button").click(); true"""
+    )
+    assert page.wait_for(
+        """(document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "")
+             .startsWith("✓ token removed") && document.querySelector("#token-settings .remote-vae-token-list")
+             .textContent"""
+    ) == "No server has a token."
+    page.evaluate('document.querySelector("#token-settings").remove(); true')
+
+
+def test_an_old_workflow_with_a_token_variable_loads_and_warns_once(page):
+    (decode,) = add_nodes(page, "RemoteVAEDecode")
+    count = """Array.from(document.querySelectorAll(".p-toast-message-warn"))
+                 .filter((e) => e.textContent.includes("names a token variable")).length"""
+    for _ in range(2):
+        page.evaluate(
+            f"""(async () => {{
+              const app = {APP};
+              const workflow = app.graph.serialize();
+              workflow.nodes.find((n) => n.id === {decode}).widgets_values.push("REMOTE_VAE_TOKEN");
+              app.graph.clear();
+              await app.loadGraphData(workflow);
+              return true;
+            }})()"""
+        )
+        assert page.wait_for(count) == 1
+    values = page.evaluate(f"{APP}.graph.getNodeById({decode}).widgets.map((w) => w.value)")
+    assert values[:4] == ["auto", "", "lossless", 300]
+

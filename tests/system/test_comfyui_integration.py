@@ -126,7 +126,7 @@ class Prompt:
         first = "pixels" if class_type == "RemoteVAEEncode" else "samples"
         return self.add(
             class_type, **{first: [source, 0]}, preset=preset, endpoint=endpoint, transfer=transfer, timeout=120,
-            token_env="", **extra,
+            **extra,
         )  # fmt: skip
 
 
@@ -155,7 +155,7 @@ def test_object_info_lists_our_nodes(comfy):
         assert node["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
         assert node["category"] == "latent/remote"
         assert node["input_order"]["required"][1:] == ["preset", "endpoint", "transfer", "timeout"]
-        assert node["input_order"]["optional"] == ["vae", "token_env"]
+        assert node["input_order"]["optional"] == ["vae"]
         assert node["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
     assert info["RemoteVAEDecode"]["input"]["required"]["transfer"][0] == ["lossless", "exact", "compact"]
     assert info["RemoteVideoDecode"]["input"]["required"]["preset"][0] == [
@@ -228,7 +228,8 @@ def test_remote_decode_equals_vaedecode(comfy, vae_server, transfer):
     image = p.add("LoadImage", image=IMAGE)
     vae = p.add("VAELoader", vae_name=FILES["sd15"])
     latent = p.add("VAEEncode", pixels=[image, 0], vae=[vae, 0])
-    remote = p.remote("RemoteVAEDecode", latent, "sd15", f"{vae_server}/sd15", transfer)
+    # An API prompt saved before tokens were bound to servers still runs: its token_env input is ignored.
+    remote = p.remote("RemoteVAEDecode", latent, "sd15", f"{vae_server}/sd15", transfer, token_env="AWS_SECRET_KEY")
     local = p.add("VAEDecode", samples=[latent, 0], vae=[vae, 0])
     p.add("RemoteVAETestSaveTensor", images=[remote, 0], name=f"decode_remote_{transfer}")
     p.add("RemoteVAETestSaveTensor", images=[local, 0], name=f"decode_local_{transfer}")

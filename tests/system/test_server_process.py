@@ -13,6 +13,7 @@ import torch
 
 from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
+from remote_vae.remote.tokens import TokenStore
 from remote_vae.testing import random_vae
 from support.processes import running_server
 
@@ -69,7 +70,7 @@ def test_token_from_the_environment(folder):
     env = {"REMOTE_VAE_SERVER_TOKEN": "process-secret"}
     with running_server(["--model", f"sd15={folder}"], env=env) as (url, _):
         with pytest.raises(RemoteVAEError, match="answered 401") as info:
-            send(url + "/sd15", wire((1, 4, 8, 8)), retries=0, token_env=None)
+            send(url + "/sd15", wire((1, 4, 8, 8)), retries=0, tokens=TokenStore())
         assert "process-secret" not in str(info.value)
         assert send(url + "/sd15", wire((1, 4, 8, 8)), token="process-secret").tensor().shape == (1, 64, 64, 3)
 
