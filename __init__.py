@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes.conflicts import check_comfyui_table
 
 WEB_DIRECTORY = "./web"
 
@@ -20,6 +21,8 @@ def _comfyui_server_present() -> bool:
         return False
     return hasattr(module, "PromptServer")
 
+
+check_comfyui_table(NODE_CLASS_MAPPINGS)  # another pack registered our ids first: say so (nodes/conflicts.py)
 
 if _comfyui_server_present():
     try:

@@ -36,7 +36,7 @@ class Server:
     (`ip netns exec NS`), `host` is the address it listens on and clients use.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only options, like subprocess.Popen's
         self,
         models: Sequence[str],
         *,
@@ -56,7 +56,8 @@ class Server:
             cmd += ["--model", spec]
         self.cmd = cmd
         self.start_timeout = start_timeout
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)
+        # Open for the server's lifetime (closed in __exit__), so not a `with` block.
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:

@@ -116,10 +116,12 @@ def main() -> None:
             rows = run_all(f"{server.url}/sd15", z, link, args.repeats)
         kind = link.kind
     else:
-        with Server(spec, threads=args.threads) as server:
-            with ProxyLink(("127.0.0.1", server.port), RATE_MBIT, RTT_MS) as proxy:
-                rows = run_all(f"http://{proxy.address}/sd15", z, proxy, args.repeats)
-                kind = f"{proxy.kind}: {problem.rstrip('.')}"
+        with (
+            Server(spec, threads=args.threads) as server,
+            ProxyLink(("127.0.0.1", server.port), RATE_MBIT, RTT_MS) as proxy,
+        ):
+            rows = run_all(f"http://{proxy.address}/sd15", z, proxy, args.repeats)
+            kind = f"{proxy.kind}: {problem.rstrip('.')}"
 
     peer = next(r for r in rows if r[0].startswith("peer"))[3]
     ours = rows[0][3]

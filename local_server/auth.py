@@ -61,7 +61,8 @@ class RequireToken:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if is_authorized(self.token, Headers(scope=scope).get("authorization")):
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         if self.on_refusal is not None:
             self.on_refusal()
         message = "missing or wrong bearer token: send Authorization: Bearer <token>"

@@ -25,7 +25,8 @@ def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
 
     async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
-            return await app(scope, receive, send)
+            await app(scope, receive, send)
+            return
 
         async def send_with_header(message: dict) -> None:
             if message["type"] == "http.response.start":

@@ -7,6 +7,7 @@ race with each other or with that device's jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -152,10 +153,8 @@ class ModelRegistry:
         """Load every model now (each on its device worker); failures are logged, not raised."""
         futures = [self.workers.submit(h.device, self.loaded, h) for h in self._models.values()]
         for future in futures:
-            try:
+            with contextlib.suppress(ModelUnavailable):  # already logged; requests answer 503 with the reason
                 future.result()
-            except ModelUnavailable:
-                pass  # already logged; requests will answer 503 with the reason
 
     def close(self) -> None:
         self.workers.close()

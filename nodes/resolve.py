@@ -47,8 +47,7 @@ def decode_preset(name: str, shape: Sequence[int], *, has_endpoint: bool, video_
     found = candidates_for(shape)
     if has_endpoint and found and len({_geometry(p) for p in found}) == 1:
         return found[0]
-    preset = detect_preset(shape)  # raises, listing the choices, when none or several fit
-    return preset
+    return detect_preset(shape)  # raises, listing the choices, when none or several fit
 
 
 def _geometry(preset: Preset) -> tuple[int, int, int]:

@@ -226,7 +226,15 @@ async def bind_token_route(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "origin": origin, "bound": token is not None})
 
 
+async def conflicts_route(request: web.Request) -> web.Response:
+    """Node ids of ours that another pack registered before us (nodes/conflicts.py)."""
+    from .conflicts import FOUND
+
+    return web.json_response({"messages": FOUND})
+
+
 def register(routes: web.RouteTableDef) -> None:
+    routes.get("/remote_vae/conflicts")(conflicts_route)
     routes.get("/remote_vae/health")(health_route)
     routes.get("/remote_vae/presets")(presets_route)
     routes.get("/remote_vae/tokens")(list_tokens_route)

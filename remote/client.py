@@ -85,7 +85,7 @@ def _check_decode_inputs(
         raise ValueError(f"return_type='mp4' needs output_type='mp4' (got output_type={output_type!r})")
 
 
-def remote_decode(
+def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for drop-in use
     endpoint: str,
     tensor: torch.Tensor,
     processor: Any = None,

@@ -251,7 +251,7 @@ def decode_accept(output_type: str, image_format: str, processor_flag: bool) -> 
     return TENSOR_TYPE
 
 
-def build_decode_request(
+def build_decode_request(  # noqa: PLR0913 - one keyword per field of diffusers' decode request
     tensor: torch.Tensor,
     *,
     output_type: str = "pil",

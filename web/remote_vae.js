@@ -11,6 +11,7 @@ const STATE = Symbol("remote_vae");
 // Our nodes are known by their inputs, so the extension follows renamed or prefixed node ids.
 const SIGNATURE = ["preset", "endpoint", "transfer", "timeout"];
 const TOKENS_SETTING = "RemoteVAE.ServerTokens";
+const OUR_NODE_IDS = ["RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode"];
 const LINES = ["preset", "check", "transfer", "warning"];
 const MIN_PANEL_HEIGHT = 40;
 const PANEL_MARGIN = 4;
@@ -310,13 +311,44 @@ function renderTokenSettings() {
   );
 }
 
-function notify(message, node) {
+function notify(message, node = null) {
   const toast = app.extensionManager?.toast;
   if (typeof toast?.add === "function") {
     toast.add({ severity: "warn", summary: "Remote VAE", detail: message, life: 10000 });
     return;
   }
   if (node?.[STATE]) setLine(node, "warning", `⚠ ${message}`, "error");
+}
+
+// ----------------------------------------------------------------------------- node id conflicts
+
+// Another pack that registers one of our node ids after us wins in ComfyUI, silently: its definition
+// then lacks our inputs. (A pack we override is found by the Python side: GET /remote_vae/conflicts.)
+const told = new Set();
+
+function tellOnce(message) {
+  if (told.has(message)) return;
+  told.add(message);
+  notify(message);
+  console.warn(message);
+}
+
+function checkNodeId(nodeData) {
+  if (!OUR_NODE_IDS.includes(nodeData?.name) || isRemoteVaeNode(nodeData)) return;
+  tellOnce(
+    `Remote VAE: the node id ${nodeData.name} now belongs to ${nodeData.python_module ?? "another pack"}, ` +
+      "which registered it after remote-vae; workflows using it run that pack's node. " +
+      "Uninstall or disable one of the two packs.",
+  );
+}
+
+async function reportOverriddenPacks() {
+  try {
+    const response = await api.fetchApi("/remote_vae/conflicts");
+    if (response.ok) for (const message of (await response.json()).messages ?? []) tellOnce(message);
+  } catch {
+    // an older server without the route: nothing to report
+  }
 }
 
 function onTransfer({ detail }) {
@@ -346,9 +378,11 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
     async setup() {
       api.addEventListener("remote_vae.transfer", onTransfer);
       api.addEventListener("remote_vae.warning", onWarning);
+      reportOverriddenPacks();
     },
 
     async beforeRegisterNodeDef(nodeType, nodeData) {
+      checkNodeId(nodeData);
       if (!isRemoteVaeNode(nodeData)) return;
       const encodes = (nodeData.output ?? []).includes("LATENT");
       const onNodeCreated = nodeType.prototype.onNodeCreated;

@@ -327,7 +327,8 @@ def test_registers_on_comfyui_prompt_server_only_when_there_is_one(monkeypatch):
     fake.PromptServer = types.SimpleNamespace(instance=types.SimpleNamespace(routes=table))
     assert routes._register_with_comfyui() is True
     assert sorted(f"{route.method} {route.path}" for route in table) == [
-        "GET /remote_vae/health", "GET /remote_vae/presets", "GET /remote_vae/tokens", "POST /remote_vae/tokens",
+        "GET /remote_vae/conflicts", "GET /remote_vae/health", "GET /remote_vae/presets", "GET /remote_vae/tokens",
+        "POST /remote_vae/tokens",
     ]  # fmt: skip
 
 

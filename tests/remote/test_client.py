@@ -710,8 +710,8 @@ def test_return_combination_matches_diffusers(output_type, return_type, partial,
     tensor = latent((1, 16, 2, 1, 1) if processor_name == "video" else (1, 4, 1, 1))
     accept = protocol.decode_accept(output_type, "jpg", processor is not None)
     answer = answer_for(output_type, partial, processor, accept)
-    kwargs = dict(processor=processor, output_type=output_type, return_type=return_type,
-                  partial_postprocess=partial, do_scaling=False)  # fmt: skip
+    kwargs = {"processor": processor, "output_type": output_type, "return_type": return_type,
+              "partial_postprocess": partial, "do_scaling": False}  # fmt: skip
     with recorder(answer) as stub:
         outcome, theirs = _call_diffusers(stub.url, tensor, **kwargs)
         diffusers_requests = len(stub.requests)

@@ -435,3 +435,24 @@ def test_an_old_workflow_with_a_token_variable_loads_and_warns_once(page):
     values = page.evaluate(f"{APP}.graph.getNodeById({decode}).widgets.map((w) => w.value)")
     assert values[:4] == ["auto", "", "lossless", 300]
 
+
+
+def test_a_pack_that_takes_our_node_id_is_named_once(page):
+    """A definition of one of our ids without our inputs came from a pack that loaded after this one."""
+    page.evaluate(
+        f"""(async () => {{
+          const app = {APP};
+          const extension = app.extensions.find((e) => e.name === {json.dumps(EXTENSION)});
+          const theirs = {{
+            name: "RemoteVAEDecode", python_module: "custom_nodes.other-pack",
+            input: {{ required: {{ samples: ["LATENT"] }} }}, output: ["IMAGE"],
+          }};
+          for (let i = 0; i < 2; i++) await extension.beforeRegisterNodeDef(class {{}}, theirs, app);
+          return true;
+        }})()"""
+    )
+    toasts = """Array.from(document.querySelectorAll(".p-toast-message-warn"))
+                  .filter((e) => e.textContent.includes("now belongs to custom_nodes.other-pack")).length"""
+    assert page.wait_for(toasts) == 1
+    time.sleep(0.5)
+    assert page.evaluate(toasts) == 1
