@@ -27,7 +27,7 @@ from ..remote import protocol
 from ..remote.presets import PresetError, candidates_for
 from ..remote.protocol import Operation, ProtocolError
 from . import postprocess
-from .auth import RequireToken
+from .auth import RequireToken, is_authorized
 from .errors import DeadlineExceeded, ServerError, error_response
 from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner
 from .latents import prepare_latent
@@ -39,7 +39,7 @@ from .request_log import Exchange, RequestLog
 log = logging.getLogger("remote_vae.server")
 
 # Path words a hosted model may not be called, or its routes would shadow ours.
-RESERVED_NAMES = frozenset({"predict", "health", "v1", "metrics", "decode", "encode", "docs"})
+RESERVED_NAMES = frozenset({"predict", "health", "ready", "v1", "metrics", "decode", "encode", "docs"})
 
 
 @dataclass
@@ -66,6 +66,15 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
     async def list_models(request: Request) -> Response:
         return JSONResponse({"default": models.names[0] if models.names else None, "models": [m.describe() for m in models.models()]})
 
+    async def ready(request: Request) -> Response:
+        """Readiness for load balancers and probes: 503 while a model is queued or loading, or cannot load.
+        Open like /health; why a model is not ready (paths, loader messages) only with the token."""
+        reasons = models.not_ready()
+        body: dict = {"ready": not reasons, "not_ready": sorted(reasons)}
+        if reasons and is_authorized(settings.token, request.headers.get("authorization")):
+            body["reasons"] = reasons
+        return JSONResponse(body, status_code=503 if reasons else 200)
+
     async def render_metrics(request: Request) -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -79,6 +88,7 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
         Route("/", health, methods=["GET"]),
         Route("/", endpoints.predict, methods=["POST"], middleware=job),
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"], middleware=private),
         Route("/metrics", render_metrics, methods=["GET"], middleware=private),
         Route("/predict", endpoints.predict, methods=["POST"], middleware=job),

@@ -24,7 +24,7 @@ from .errors import ModelLoadError, ModelUnavailable, UnknownModel
 
 log = logging.getLogger("remote_vae.server")
 
-LoadState = Literal["not loaded", "loading", "loaded", "failed"]
+LoadState = Literal["not loaded", "queued", "loading", "loaded", "failed"]  # queued: waiting for preload
 IN_PROCESS = "(model built in-process)"
 
 
@@ -84,6 +84,7 @@ class ModelRegistry:
         self.workers = Workers(cpu_threads)
         self._load_hint = load_hint
         self._models: dict[str, HostedModel] = {}
+        self._preloading: set[str] = set()  # names `preload()` has not finished with: not ready yet
         self._lock = threading.Lock()
 
     def add(
@@ -151,10 +152,31 @@ class ModelRegistry:
 
     def preload(self) -> None:
         """Load every model now (each on its device worker); failures are logged, not raised."""
-        futures = [self.workers.submit(h.device, self.loaded, h) for h in self._models.values()]
-        for future in futures:
+        waiting = [h for h in self._models.values() if h.backend is None]
+        for hosted in waiting:
+            self._set_state(hosted, "queued")
+            self._preloading.add(hosted.name)
+        futures = [self.workers.submit(h.device, self.loaded, h) for h in waiting]
+        for hosted, future in zip(waiting, futures):
             with contextlib.suppress(ModelUnavailable):  # already logged; requests answer 503 with the reason
                 future.result()
+            self._preloading.discard(hosted.name)
+
+    def not_ready(self) -> dict[str, str]:
+        """Why each model that cannot serve cannot: waiting for preload, failed, or a source that cannot
+        load. A model not loaded yet (or loading) whose source is sound is ready: it loads on first use."""
+        reasons = {}
+        for hosted in self._models.values():
+            if hosted.state in ("queued", "loading") and hosted.name in self._preloading:
+                reasons[hosted.name] = f"model {hosted.name!r} is being preloaded"
+            elif hosted.state == "failed":
+                reasons[hosted.name] = hosted.error or f"model {hosted.name!r} failed to load"
+            elif hosted.state != "loaded":
+                try:
+                    self.loader.check(hosted.preset, hosted.source)
+                except ModelLoadError as exc:
+                    reasons[hosted.name] = f"model {hosted.name!r} cannot be loaded: {exc}"
+        return reasons
 
     def close(self) -> None:
         self.workers.close()

@@ -47,7 +47,7 @@ async def check_endpoint(
     Returns `{"ok", "endpoint", "status", "models", "error"}`; never raises for a bad URL, a refused
     connection, a timeout or a reply that is not what a VAE server sends.
     """
-    result = {"ok": False, "endpoint": endpoint, "status": None, "models": [], "error": ""}
+    result = {"ok": False, "endpoint": endpoint, "status": None, "models": [], "ready": None, "not_ready": [], "error": ""}
     try:
         url = parse_endpoint(endpoint)
         headers = auth_headers(str(url), store)
@@ -80,6 +80,20 @@ async def _check(session: aiohttp.ClientSession, url: URL, result: dict) -> None
     if models_status is not None and models_status != 200:
         raise CheckError(f"server is up but GET {base / 'v1/models'} answered {models_status} {_reason(models_status)}")
     result["models"] = models
+    if base is not None:
+        result["ready"], result["not_ready"] = await _readiness(session, base)
+
+
+async def _readiness(session: aiohttp.ClientSession, base: URL) -> tuple[bool | None, list]:
+    """The server's `/ready` (ours has one; None when there is none to ask)."""
+    status, body, _ = await _get(session, base / "ready")
+    if status not in (200, 503):
+        return None, []
+    try:
+        data = json.loads(body.decode("utf-8"))
+        return bool(data["ready"]), [str(name) for name in data.get("not_ready", [])]
+    except (ValueError, KeyError, TypeError):
+        return None, []
 
 
 async def _find_models(session: aiohttp.ClientSession, url: URL) -> tuple[URL | None, int | None, list]:

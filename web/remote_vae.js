@@ -120,7 +120,8 @@ function describeCheck(result) {
   const hosted = models.length
     ? `models: ${models.map(modelLabel).join(", ")}`
     : "no model list (a Hugging Face endpoint answers health only)";
-  return `✓ ${result.endpoint} is up · ${hosted}`;
+  const ready = result.ready === false ? ` · not ready: ${(result.not_ready ?? []).join(", ")}` : "";
+  return `✓ ${result.endpoint} is up · ${hosted}${ready}`;
 }
 
 function formatBytes(count) {
@@ -180,7 +181,7 @@ async function checkEndpoint(node) {
     const response = await api.fetchApi(`/remote_vae/health?${query}`);
     if (!response.ok) throw new Error(`GET /remote_vae/health answered ${response.status}`);
     const result = await response.json();
-    setLine(node, "check", describeCheck(result), result.ok ? "ok" : "error");
+    setLine(node, "check", describeCheck(result), result.ok && result.ready !== false ? "ok" : "error");
   } catch (error) {
     setLine(node, "check", `✗ check failed: ${error.message}`, "error");
   }

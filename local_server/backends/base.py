@@ -100,3 +100,7 @@ class BackendLoader(Protocol):
     def wrap(self, model: Any, preset: Preset, placement: Placement) -> Backend:
         """A model built in-process, moved to `placement`."""
         ...
+
+    def check(self, preset: Preset, source: str | None) -> None:
+        """Raise ModelLoadError when `source` cannot be loaded, without reading any weights (for /ready)."""
+        ...

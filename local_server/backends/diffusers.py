@@ -51,6 +51,11 @@ class DiffusersLoader:
     def wrap(self, model: torch.nn.Module, preset: Preset, placement: Placement) -> DiffusersBackend:
         return DiffusersBackend(_placed(model, placement.device, placement.dtype), preset, placement)
 
+    def check(self, preset: Preset, source: str | None) -> None:
+        from ..loading import resolve_source
+
+        resolve_source(preset, source)  # names a hub repo, or a folder or file that exists
+
 
 class DiffusersBackend:
     """A diffusers VAE module in eval mode without gradients, with the chosen speed-ups applied."""

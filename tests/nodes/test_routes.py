@@ -86,8 +86,21 @@ def run_check(handlers, endpoint_path="/", bind=None, timeout=routes.DEFAULT_TIM
 
 def test_our_server_reports_health_and_models():
     result, seen, base = run_check({**OK_HEALTH, "/v1/models": json_reply({"models": MODELS})})
-    assert result == {"ok": True, "endpoint": base + "/", "status": 200, "models": MODELS, "error": ""}
-    assert [path for path, _ in seen] == ["/v1/models", "/health"]
+    assert result == {
+        "ok": True, "endpoint": base + "/", "status": 200, "models": MODELS, "ready": None, "not_ready": [], "error": "",
+    }  # fmt: skip
+    assert [path for path, _ in seen] == ["/v1/models", "/health", "/ready"]
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "ready", "not_ready"),
+    [(200, {"ready": True, "not_ready": []}, True, []), (503, {"ready": False, "not_ready": ["flux"]}, False, ["flux"]),
+     (503, {"no": "json we know"}, None, []), (500, {"ready": True}, None, [])],
+)  # fmt: skip
+def test_readiness_is_reported(status, answer, ready, not_ready):
+    handlers = {**OK_HEALTH, "/v1/models": json_reply({"models": MODELS}), "/ready": json_reply(answer, status=status)}
+    result, _, _ = run_check(handlers)
+    assert result["ok"] is True and (result["ready"], result["not_ready"]) == (ready, not_ready)
 
 
 def test_model_path_in_endpoint_is_stripped_to_find_the_server():
@@ -98,6 +111,7 @@ def test_model_path_in_endpoint_is_stripped_to_find_the_server():
         "/models/v1/models",
         "/v1/models",
         "/health",
+        "/ready",
     ]
 
 
@@ -105,7 +119,7 @@ def test_paths_that_answer_405_are_skipped_like_404():
     handlers = {**OK_HEALTH, "/m/v1/models": text_reply("POST only", status=405), "/v1/models": json_reply(MODELS)}
     result, seen, _ = run_check(handlers, "/m")
     assert result["ok"] and result["models"] == MODELS
-    assert [path for path, _ in seen] == ["/m/v1/models", "/v1/models", "/health"]
+    assert [path for path, _ in seen] == ["/m/v1/models", "/v1/models", "/health", "/ready"]
 
 
 def test_model_list_under_openai_style_data_key():
@@ -139,7 +153,7 @@ def test_the_token_bound_to_the_servers_origin_is_sent(monkeypatch):
 
     result, seen, _ = run_check({**OK_HEALTH, "/v1/models": models}, bind="s3cret")
     assert result["ok"] and result["models"] == MODELS
-    assert seen == [("/v1/models", "Bearer s3cret"), ("/health", "Bearer s3cret")]
+    assert seen == [("/v1/models", "Bearer s3cret"), ("/health", "Bearer s3cret"), ("/ready", "Bearer s3cret")]
     assert "s3cret" not in json.dumps(result)
 
 
@@ -186,7 +200,9 @@ def test_auth_headers_only_for_the_bound_origin():
 )
 def test_bad_endpoints_are_refused_without_a_request(endpoint, message):
     result = asyncio.run(check_endpoint(endpoint))
-    assert result == {"ok": False, "endpoint": endpoint, "status": None, "models": [], "error": message}
+    assert result == {
+        "ok": False, "endpoint": endpoint, "status": None, "models": [], "ready": None, "not_ready": [], "error": message,
+    }  # fmt: skip
 
 
 def test_refused_connection():
@@ -313,7 +329,9 @@ def test_routes_answer_over_http():
 
     presets, good, bad, vae = asyncio.run(scenario())
     assert presets == (200, {"presets": json.loads(json.dumps([p.describe() for p in PRESETS.values()]))})
-    assert good == (200, {"ok": True, "endpoint": vae, "status": 200, "models": MODELS, "error": ""})
+    assert good == (
+        200, {"ok": True, "endpoint": vae, "status": 200, "models": MODELS, "ready": None, "not_ready": [], "error": ""}
+    )  # fmt: skip
     assert bad[0] == 200 and bad[1]["ok"] is False
     assert bad[1]["error"] == "endpoint 'ftp://x' must start with http:// or https://"
 
