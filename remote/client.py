@@ -173,12 +173,11 @@ def remote_decode(
     if partial_postprocess:
         images = [Image.fromarray(image.numpy()) for image in reply.uint8_frames(expected_shape)]
         return images[0] if len(images) == 1 else images
-    output = reply.tensor(expected_shape)
     if processor is None:  # return_type="mp4" without processor: diffusers returns the tensor
-        return output
+        return reply.tensor(expected_shape)
     if callable(getattr(processor, "postprocess_video", None)):
-        return processor.postprocess_video(output, output_type="pil")[0]
-    return processor.postprocess(output, output_type="pil")[0]
+        return processor.postprocess_video(reply.decoder_output(expected_shape, video=True), output_type="pil")[0]
+    return processor.postprocess(reply.decoder_output(expected_shape), output_type="pil")[0]
 
 
 def remote_encode(
