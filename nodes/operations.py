@@ -112,6 +112,7 @@ class Connection:
             self.url,
             wire,
             timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
+            total_timeout=float(self.timeout),  # the node's timeout bounds its whole call, retries included
             token_env=self.token_env,
             cancel=lambda: stop.is_set() or self.interrupted(),
         )

@@ -86,23 +86,6 @@ def server_message(body: bytes) -> str | None:
     return clip(text) or None
 
 
-def is_json_error(body: bytes) -> bool:
-    """Whether `body` is a JSON object with an `error` key: how a remote-VAE server words its errors."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "error" in data
-
-
-# Hints for a 502/504 the server sent itself (see transport.from_proxy), not a proxy in front of it.
-OWN_STATUS_HINTS = {
-    502: "the server could not get an answer from its own model worker; its log says why",
-    504: "the server's own time limit for a request passed (its --request-timeout): "
-    "send less at once, or raise that limit",
-}
-
-
 def status_hint(status: int, token_sent: bool, token_env: str | None) -> str | None:
     if status in (401, 403):
         if token_sent:
@@ -123,6 +106,23 @@ def status_hint(status: int, token_sent: bool, token_env: str | None) -> str | N
         504: "a proxy in front of the server timed out; the server may be overloaded, or raise its timeout",
     }
     return hints.get(status)
+
+
+def is_json_error(body: bytes) -> bool:
+    """Whether `body` is a JSON object with an `error` key: how a remote-VAE server words its errors."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "error" in data
+
+
+# Hints for a 502/504 the server sent itself (see transport.from_proxy), not a proxy in front of it.
+OWN_STATUS_HINTS = {
+    502: "the server could not get an answer from its own model worker; its log says why",
+    504: "the server's own time limit for a request passed (its --request-timeout): "
+    "send less at once, or raise that limit",
+}
 
 
 def redact(text: str | None, token: str | None) -> str | None:

@@ -42,7 +42,7 @@ from .errors import (
     server_root,
     status_hint,
 )
-from .reply import PROTOCOL_HINT, Reply, Transfer
+from .reply import Reply, Transfer
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -204,6 +204,7 @@ class _Answer:
     body: bytes
     bytes_sent: int
     bytes_received: int
+    limits: ReplyLimits  # what the request can decode to: the Reply checks images against it
 
 
 class _Inflater:
@@ -287,7 +288,7 @@ class _Exchange:
                 wire += len(chunk)
                 self.events.put(("progress", (total, total, wire, expected)))
                 if inflater is None:
-                    continue
+                    break
                 try:
                     decoded = inflater.feed(chunk, limit - got + 1)
                 except zlib.error as exc:
@@ -313,10 +314,12 @@ class _Exchange:
             body=b"".join(chunks)[:limit],
             bytes_sent=total,
             bytes_received=wire,
+            limits=self.limits,
         )
 
     def _refused(self, status: int, problem: str) -> RemoteVAEError:
-        return RemoteVAEError(self.where, f"answered {status} {problem}", status=status, hint=PROTOCOL_HINT)
+        hint = "the server or a proxy in front of it compresses answers in a way this client refuses: turn that off"
+        return RemoteVAEError(self.where, f"answered {status} {problem}", status=status, hint=hint)
 
     def _too_large(self, status: int, size: str, limit: int) -> RemoteVAEError:
         return RemoteVAEError(
@@ -521,7 +524,7 @@ def send_one(
             raise RemoteVAEError(where, f"failed: {redact(clip(str(exc)), token)}") from None
         else:
             if 200 <= answer.status < 300:
-                return _reply(where, answer, attempt + 1, started, limits)
+                return _reply(where, answer, attempt + 1, started)
             error = _http_error(where, answer, token, token_env)
             if not error.retryable:
                 raise error
@@ -602,7 +605,7 @@ def _http_error(where: str, answer: _Answer, token: str | None, token_env: str |
     )
 
 
-def _reply(where: str, answer: _Answer, attempts: int, started: float, limits: ReplyLimits) -> Reply:
+def _reply(where: str, answer: _Answer, attempts: int, started: float) -> Reply:
     transfer = Transfer(
         endpoint=where,
         status=answer.status,
@@ -613,4 +616,4 @@ def _reply(where: str, answer: _Answer, attempts: int, started: float, limits: R
         server=answer.headers.get("server"),
         request_id=answer.headers.get("x-request-id"),
     )
-    return Reply(answer.body, answer.headers, transfer, limits)
+    return Reply(answer.body, answer.headers, transfer, answer.limits)

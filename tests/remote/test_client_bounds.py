@@ -7,11 +7,13 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import threading
 import time
 import tracemalloc
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 
@@ -163,6 +165,45 @@ def test_the_servers_own_504_says_its_limit_passed():
         "(hint: the server's own time limit for a request passed (its --request-timeout): send less at once, "
         "or raise that limit)"
     )
+
+
+def test_our_real_servers_504_is_sent_once():
+    """The rule above matches what our server answers when its --request-timeout passes."""
+    from remote_vae.local_server.app import Settings, create_app
+    from remote_vae.local_server.engine import ModelHost
+    from remote_vae.local_server.limits import Limits
+    from support import serving
+    from support.tiny import tiny_kl
+
+    release = threading.Event()
+
+    class Blocking(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        @property
+        def config(self):
+            return self.inner.config
+
+        def decode(self, z):
+            release.wait(30)
+            return self.inner.decode(z)
+
+    host = ModelHost()
+    host.add("sd15", PRESETS["sd15"], model=Blocking(tiny_kl(4, seed=7)), device="cpu", dtype="float32")
+    try:
+        with serving.serve(create_app(host, Settings(limits=Limits(request_timeout=0.5)))) as url:
+            try:
+                with pytest.raises(RemoteVAEError, match="answered 504: .*hint: the server's own time limit"):
+                    send(url + "/sd15", pt_wire(), retries=3, **FAST)
+            finally:
+                release.set()
+            metrics = requests.get(url + "/metrics", timeout=10).text
+    finally:
+        host.close()
+    answered = re.findall(r'remote_vae_requests_total\{[^}]*status="504"\} (\d+)', metrics)
+    assert answered == ["1"]
 
 
 @pytest.mark.parametrize("status", [502, 504])
