@@ -111,8 +111,8 @@ class Connection:
         return send(
             self.url,
             wire,
-            timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
             total_timeout=float(self.timeout),  # the node's timeout bounds its whole call, retries included
+            timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
             token_env=self.token_env,
             cancel=lambda: stop.is_set() or self.interrupted(),
         )

@@ -139,6 +139,8 @@ def remote_decode(
     and the `TransportOptions`: `timeout` (connect, read) seconds, `retries`/`backoff`, bearer
     `token` (else the env var named by `token_env`), `cold_start_timeout` (sent as
     X-Scale-Up-Timeout), `progress`, `cancel`, `session`. Every failure raises RemoteVAEError.
+    `total_timeout` bounds the whole call, retries included (default: connect + read timeout), and
+    `max_reply_bytes` the answer (default: the most the request can decode to, remote/bounds.py).
     """
     _warn_base64("input_tensor_type", input_tensor_type)
     _warn_base64("output_tensor_type", output_tensor_type)
