@@ -113,6 +113,7 @@ class Connection:
         return send(
             self.url,
             wire,
+            total_timeout=float(self.timeout),  # the node's timeout bounds its whole call, retries included
             timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
             tokens=self.tokens,
             cancel=lambda: stop.is_set() or self.interrupted(),

@@ -139,6 +139,8 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
     and the `TransportOptions`: `timeout` (connect, read) seconds, `retries`/`backoff`, bearer
     `token` (else the one bound to the endpoint in `tokens`), `cold_start_timeout` (sent as
     X-Scale-Up-Timeout), `progress`, `cancel`, `session`. Every failure raises RemoteVAEError.
+    `total_timeout` bounds the whole call, retries included (default: connect + read timeout), and
+    `max_reply_bytes` the answer (default: the most the request can decode to, remote/bounds.py).
     """
     _warn_base64("input_tensor_type", input_tensor_type)
     _warn_base64("output_tensor_type", output_tensor_type)
@@ -173,12 +175,11 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
     if partial_postprocess:
         images = [Image.fromarray(image.numpy()) for image in reply.uint8_frames(expected_shape)]
         return images[0] if len(images) == 1 else images
-    output = reply.tensor(expected_shape)
     if processor is None:  # return_type="mp4" without processor: diffusers returns the tensor
-        return output
+        return reply.tensor(expected_shape)
     if callable(getattr(processor, "postprocess_video", None)):
-        return processor.postprocess_video(output, output_type="pil")[0]
-    return processor.postprocess(output, output_type="pil")[0]
+        return processor.postprocess_video(reply.decoder_output(expected_shape, video=True), output_type="pil")[0]
+    return processor.postprocess(reply.decoder_output(expected_shape), output_type="pil")[0]
 
 
 def remote_encode(

@@ -21,11 +21,13 @@ class RemoteVAEError(RuntimeError):
         status: int | None = None,
         server_message: str | None = None,
         hint: str | None = None,
+        retryable: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.status = status
         self.server_message = server_message
         self.hint = hint
+        self.retryable = retryable  # an answer a retry may fix (here or at another endpoint)
         text = f"{endpoint} {problem}"
         super().__init__(f"{text} (hint: {hint})" if hint else text)
 
@@ -53,8 +55,10 @@ def server_root(endpoint: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-_HTML_DROP = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_HTML_TAG = re.compile(r"<[^>]*>")
+# Linear on any input (an unclosed block ends the text; a tag ends at the next `<`): an error page is
+# the server's to write, and a quadratic pattern would stall the client for minutes on a crafted one.
+_HTML_DROP = re.compile(r"<(script|style)\b.*?(?:</\1\s*>|\Z)", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^<>]*>")
 
 
 def clip(text: str) -> str:
@@ -70,7 +74,7 @@ def server_message(body: bytes) -> str | None:
         return None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         for key in ("error", "message", "detail"):
@@ -102,6 +106,23 @@ def status_hint(status: int, token_sent: bool, token_advice: str | None = None) 
         504: "a proxy in front of the server timed out; the server may be overloaded, or raise its timeout",
     }
     return hints.get(status)
+
+
+def is_json_error(body: bytes) -> bool:
+    """Whether `body` is a JSON object with an `error` key: how a remote-VAE server words its errors."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "error" in data
+
+
+# Hints for a 502/504 the server sent itself (see transport.from_proxy), not a proxy in front of it.
+OWN_STATUS_HINTS = {
+    502: "the server could not get an answer from its own model worker; its log says why",
+    504: "the server's own time limit for a request passed (its --request-timeout): "
+    "send less at once, or raise that limit",
+}
 
 
 def redact(text: str | None, token: str | None) -> str | None:

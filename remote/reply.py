@@ -1,6 +1,8 @@
 """A 2xx answer and its checks: does it hold what the request asked for?
 
-Every check raises RemoteVAEError with the endpoint and status. Errors are phrased in the protocol's
+Every check raises RemoteVAEError with the endpoint and status, whatever the body and headers hold
+(nothing else escapes, so a caller's fallback always runs); an image is checked against its declared
+size before it is decoded. Errors are phrased in the protocol's
 terms ("answered 200 with a tensor of shape [1, 3, 8, 8], expected [1, 3, 64, 64]"), or, when the
 caller says what its request means (`meaning`, `hint`), in the caller's terms ("answered 200 but it
 holds [1, 8, 8, 3] uint8 where a latent of shape [1, 4, 4, 4] decodes to ...").
@@ -17,12 +19,16 @@ import torch
 from PIL import Image
 
 from . import protocol
-from .errors import RemoteVAEError
+from .bounds import ReplyLimits
+from .errors import RemoteVAEError, clip
 
 PROTOCOL_HINT = "the server does not speak the remote-VAE protocol for this request; check the endpoint URL"
 FLOAT: Literal["float"] = "float"  # as `dtype`: any floating-point dtype
 
 ExpectedShape = Sequence[int | None]  # None (or -1) entries match any size
+# What parsing a hostile `shape`/`dtype`/body can raise, ProtocolError (a ValueError) being the usual one:
+# RecursionError from a deeply nested JSON header, RuntimeError from torch.
+MALFORMED_TENSOR = (ValueError, TypeError, OverflowError, RecursionError, RuntimeError)
 
 
 @dataclass
@@ -41,11 +47,13 @@ class Transfer:
 
 @dataclass
 class Reply:
-    """A 2xx answer: its body, its headers (case-insensitive) and how the exchange went."""
+    """A 2xx answer: its body, its headers (case-insensitive), how the exchange went, and the most
+    the request it answers can decode to (`limits`, checked against an image's declared size)."""
 
     body: bytes
     headers: Mapping[str, str]
     transfer: Transfer
+    limits: ReplyLimits = ReplyLimits()
 
     def unexpected(self, problem: str, hint: str = PROTOCOL_HINT) -> RemoteVAEError:
         """The error for a reply that does not hold what was asked: `problem` follows "answered 200 "."""
@@ -65,8 +73,8 @@ class Reply:
         must have `expected_shape` and `dtype` (a torch dtype, or FLOAT for any floating-point one)."""
         try:
             tensor = protocol.parse_tensor_response(self.body, self.headers)
-        except protocol.ProtocolError as exc:
-            raise self.unexpected(f"with a bad tensor: {exc}") from None
+        except MALFORMED_TENSOR as exc:
+            raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
         shape, name = list(tensor.shape), protocol.dtype_name(tensor.dtype)
         if not _fits(shape, expected_shape) or dtype not in (None, FLOAT, tensor.dtype):
             want = "any shape" if expected_shape is None else str(list(expected_shape))
@@ -87,19 +95,36 @@ class Reply:
         hint: str = PROTOCOL_HINT,
     ) -> Image.Image:
         """The body as an RGB PIL image of `size` (width, height) when given; `.format` is the lowercase
-        sniffed type ("jpeg", "png", ...) as diffusers sets it. `kind` names what was asked for."""
+        sniffed type ("jpeg", "png", ...) as diffusers sets it. `kind` names what was asked for.
+
+        The declared size is checked (against `size`, and against `limits.max_pixels`) from the header,
+        before any pixel is decoded."""
         try:
-            image = Image.open(io.BytesIO(self.body)).convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            head = self.body[:16]
-            raise self.unexpected(
-                f"with a body that is not {kind} ({len(self.body)} bytes): {exc}; it starts {head!r}"
-            ) from None
-        image.format = image_type(self.body)
-        if size is not None and image.size != tuple(size):
-            got, want = "x".join(map(str, image.size)), "x".join(map(str, size))
+            declared = Image.open(io.BytesIO(self.body))
+        except Exception as exc:  # Pillow raises many kinds on bytes it cannot read (DecompressionBombError...)
+            raise self._not_an_image(kind, exc) from None
+        got = "x".join(map(str, declared.size))
+        if size is not None and declared.size != tuple(size):
+            want = "x".join(map(str, size))
             raise self._mismatch(f"it is a {got} image", f"a {got} image, expected {want}", meaning, hint)
+        if declared.width * declared.height > self.limits.max_pixels:
+            raise self.unexpected(
+                f"with an image declaring {got} pixels, more than the {self.limits.max_pixels} pixels "
+                "the request can decode to; it was not decoded",
+                hint,
+            )
+        try:
+            image = declared.convert("RGB")
+        except Exception as exc:  # truncated or corrupt data, as above
+            raise self._not_an_image(kind, exc) from None
+        image.format = image_type(self.body)
         return image
+
+    def _not_an_image(self, kind: str, exc: Exception) -> RemoteVAEError:
+        head = self.body[:16]
+        return self.unexpected(
+            f"with a body that is not {kind} ({len(self.body)} bytes): {clip(str(exc))}; it starts {head!r}"
+        )
 
     def mp4(self) -> bytes:
         """The body, which must be an MP4 file."""
@@ -123,10 +148,22 @@ class Reply:
     def float_frames(self, expected_shape: ExpectedShape | None = None) -> torch.Tensor:
         """Float [F,3,H,W] frames in 0..1 (what output_type="pil" with a processor gives)."""
         tensor = self.tensor(expected_shape)
-        if tensor.ndim != 4 or not tensor.is_floating_point():
+        if tensor.ndim != 4 or tensor.shape[1] != 3 or not tensor.is_floating_point():
             raise self.unexpected(
                 f"with a {protocol.dtype_name(tensor.dtype)} tensor of shape {list(tensor.shape)}; "
                 "output_type='pil' with a processor should give float [F,3,H,W] in 0..1"
+            )
+        return tensor
+
+    def decoder_output(self, expected_shape: ExpectedShape | None = None, *, video: bool = False) -> torch.Tensor:
+        """Float [B,3,H,W] (`video`: [B,3,F,H,W]) decoder output, what a processor's postprocess takes."""
+        tensor = self.tensor(expected_shape)
+        ndim = 5 if video else 4
+        if tensor.ndim != ndim or tensor.shape[1] != 3 or not tensor.is_floating_point():
+            want = "[B,3,F,H,W]" if video else "[B,3,H,W]"
+            raise self.unexpected(
+                f"with a {protocol.dtype_name(tensor.dtype)} tensor of shape {list(tensor.shape)}; "
+                f"output_type='pt' should give float {want} decoder output"
             )
         return tensor
 

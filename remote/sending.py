@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from . import protocol
 from .errors import RemoteVAECancelled, RemoteVAEError, display_url
 from .reply import Reply
-from .transport import DEFAULT_RETRIES, RETRY_STATUSES, TransportOptions, check_options, send_one
+from .transport import DEFAULT_RETRIES, TransportOptions, check_options, deadline_for, send_one
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -35,12 +35,14 @@ def send(
 
     `endpoint` may name several servers hosting the same model (a list, or one string separated by
     commas or spaces): each request goes to the one with the fewest requests outstanding, and when
-    it cannot be reached or answers a retryable status the request fails over to the next one.
+    it cannot be reached or answers what a retry may fix the request fails over to the next one. The
+    total timeout bounds the whole call, fail-overs included.
     """
     check_options(options)
+    deadline = deadline_for(options)
     candidates = split_endpoints(endpoint)
     if len(candidates) <= 1:
-        return send_one(candidates[0] if candidates else "", wire, **options)
+        return send_one(candidates[0] if candidates else "", wire, deadline=deadline, **options)
     retries = options.pop("retries", DEFAULT_RETRIES)
     pool = pool_for(candidates)
     tried: list[str] = []
@@ -49,12 +51,14 @@ def send(
         last = len(tried) == len(candidates) - 1
         failed = False
         try:
-            return send_one(chosen, wire, retries=retries if last else 0, **options)
+            return send_one(chosen, wire, deadline=deadline, retries=retries if last else 0, **options)
         except RemoteVAECancelled:
             raise
         except RemoteVAEError as exc:
-            if exc.status is not None and exc.status not in RETRY_STATUSES:
-                raise  # the request itself is wrong: another server would say the same
+            if exc.status is not None and not exc.retryable:
+                raise  # the request itself is wrong, or the job ran: another server would say the same
+            if deadline.left() <= 0:
+                raise
             failed = True
             tried.append(chosen)
             failures.append(exc)

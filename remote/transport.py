@@ -2,8 +2,10 @@
 
 Requests are built only by `protocol` and sent as they are, so what goes on the wire is byte-identical
 to what diffusers sends. Around that exchange this module adds what diffusers lacks: connect and read
-timeouts, retries with exponential back-off (honouring `Retry-After`), an optional bearer token,
-cancellation, progress reports, and errors that say what went wrong and what to do.
+timeouts and a bound on the whole call, retries of what a retry can fix (with exponential back-off,
+honouring `Retry-After`), an optional bearer token, cancellation, progress reports, replies refused as
+soon as they grow past what the request can decode to, and errors that say what went wrong and what
+to do.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -24,12 +27,15 @@ import urllib3
 from requests.structures import CaseInsensitiveDict
 
 from . import protocol
+from .bounds import ReplyLimits, limits_for
 from .errors import (
+    OWN_STATUS_HINTS,
     RemoteVAECancelled,
     RemoteVAEError,
     RemoteVAETimeout,
     clip,
     display_url,
+    is_json_error,
     redact,
     server_message,
     server_root,
@@ -48,10 +54,18 @@ DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
 MAX_BACKOFF = 30.0  # cap of backoff * 2**attempt
 MAX_RETRY_AFTER = 60.0  # cap of a server's Retry-After
-POLL_INTERVAL = 0.1  # how often cancel() is polled while waiting (the brief asks for <= 0.25 s)
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+POLL_INTERVAL = 0.1  # how often cancel() and the deadline are checked while waiting
+# Retried whoever answers: nothing ran (408: the request did not arrive in time, often a stale keep-alive
+# connection), or the answer says "come back later" (429, 503).
+RETRY_STATUSES = frozenset({408, 429, 503})
+# Retried only from a proxy or gateway (see `from_proxy`); from the server itself they mean its job ran
+# and failed or ran out of its own time, and a retry would run it again. 500 is never retried.
+PROXY_RETRY_STATUSES = frozenset({502, 504})
 MAX_ERROR_BODY = 1 << 20  # read at most this much of an error page
 CHUNK = 1 << 16
+# The Content-Encodings requests' Accept-Encoding asks for (diffusers sends the same header), with their
+# zlib window: undone here with a bound, never inflated whole. Any other encoding is refused.
+ACCEPTED_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 Progress = Callable[[int, int, int, "int | None"], None]
 Cancel = Callable[[], bool]
@@ -61,6 +75,7 @@ class TransportOptions(TypedDict, total=False):
     """How to send: the keyword-only options `send`, `remote_decode` and `remote_encode` share.
 
     `timeout`: (connect, read) seconds, or one number for both (default DEFAULT_TIMEOUT).
+    `total_timeout`: seconds for the whole call, retries and back-off included (default: connect + read).
     `retries` / `backoff`: how often and how soon to retry (see `send_one`).
     `token`: a bearer token for this call; else the one bound to the endpoint's origin in `tokens`
     (default: `TokenStore.load()`, the local configuration; see remote/tokens.py). Neither travels over
@@ -68,9 +83,12 @@ class TransportOptions(TypedDict, total=False):
     `cold_start_timeout`: sent as X-Scale-Up-Timeout; the read timeout is at least this long.
     `progress(bytes_sent, total_to_send, bytes_received, total_to_receive_or_None)` and `cancel()`:
     called from the calling thread. `session`: a requests.Session (default: one per thread).
+    `max_reply_bytes`: refuse a longer reply body (default: the most the request can decode to, see
+    remote/bounds.py).
     """
 
     timeout: float | tuple[float, float]
+    total_timeout: float | None
     retries: int
     backoff: float
     token: str | None
@@ -79,6 +97,7 @@ class TransportOptions(TypedDict, total=False):
     progress: Progress | None
     cancel: Cancel | None
     session: requests.Session | None
+    max_reply_bytes: int | None
 
 
 def check_options(options: Mapping[str, Any]) -> None:
@@ -137,6 +156,38 @@ def split_timeout(
     return float(connect), float(read)
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """The bound on a whole call: `seconds` from its start, every attempt and back-off included."""
+
+    seconds: float
+    at: float
+
+    @classmethod
+    def start(cls, seconds: float) -> Deadline:
+        if not seconds > 0:
+            raise ValueError(f"total_timeout={seconds!r} must be positive seconds")
+        return cls(float(seconds), time.monotonic() + seconds)
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def passed(self, where: str) -> RemoteVAETimeout:
+        return RemoteVAETimeout(
+            where,
+            f"did not finish within {self.seconds:g} s (the total timeout of the call, retries included)",
+            hint="the server is slow, stuck or trickling its answer; raise the timeout for large jobs",
+        )
+
+
+def deadline_for(options: Mapping[str, Any]) -> Deadline:
+    """The call's deadline: `total_timeout`, else the connect plus the read timeout."""
+    total = options.get("total_timeout")
+    if total is None:
+        total = sum(split_timeout(options.get("timeout", DEFAULT_TIMEOUT), options.get("cold_start_timeout")))
+    return Deadline.start(total)
+
+
 # --------------------------------------------------------------------------- one HTTP exchange
 
 
@@ -168,6 +219,22 @@ class _Answer:
     body: bytes
     bytes_sent: int
     bytes_received: int
+    limits: ReplyLimits  # what the request can decode to: the Reply checks images against it
+
+
+class _Inflater:
+    """A Content-Encoding undone as the body arrives, never more than the caller has room for."""
+
+    def __init__(self, encoding: str) -> None:
+        self._zlib = None if encoding == "identity" else zlib.decompressobj(ACCEPTED_ENCODINGS[encoding])
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """The decoded bytes of `data`: at most `room` of them when compressed (identity: `data`)."""
+        return data if self._zlib is None else self._zlib.decompress(data, room)
+
+    @property
+    def complete(self) -> bool:
+        return self._zlib is None or self._zlib.eof
 
 
 @dataclass
@@ -175,11 +242,13 @@ class _Exchange:
     """Everything one attempt needs; `run` executes in a worker thread."""
 
     session: requests.Session
+    where: str
     url: str
     params: list[tuple[str, str]]
     headers: dict[str, str]
     body: bytes
     timeout: tuple[float, float]
+    limits: ReplyLimits
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     abort: threading.Event = field(default_factory=threading.Event)
 
@@ -209,48 +278,93 @@ class _Exchange:
             response.close()
 
     def _receive(self, response: requests.Response, total: int) -> _Answer:
-        ok = 200 <= response.status_code < 300
-        length = response.headers.get("content-length")
-        expected = int(length) if length and length.isdigit() else None
+        """Read the body as it arrives, refusing a 2xx one larger than `limits` allows as soon as it is."""
+        status = response.status_code
+        ok = 200 <= status < 300
+        expected = _content_length(response.headers)
+        encoding = (response.headers.get("content-encoding") or "identity").strip().lower()
+        known = encoding == "identity" or encoding in ACCEPTED_ENCODINGS
+        if ok and not known:
+            accepted = ", ".join(ACCEPTED_ENCODINGS)
+            raise self._refused(
+                status, f"with Content-Encoding {encoding!r}, which was not asked for (it accepts {accepted})"
+            )
+        limit = self.limits.max_bytes if ok else MAX_ERROR_BODY
+        if ok and encoding == "identity" and expected is not None and expected > limit:
+            raise self._too_large(status, f"Content-Length {expected}", limit)
+        inflater = _Inflater(encoding) if known else None  # None: an error page in an unknown encoding
         chunks: list[bytes] = []
-        got = 0
+        got = wire = 0
         self.events.put(("progress", (total, total, 0, expected)))
         try:
-            for chunk in _body_chunks(response.raw):
+            for chunk in _raw_chunks(response.raw):
                 if self.abort.is_set():
                     raise _Aborted()
-                chunks.append(chunk)
-                got += len(chunk)
-                wire = response.raw.tell() or got  # compressed bytes on the wire, when compressed
+                wire += len(chunk)
                 self.events.put(("progress", (total, total, wire, expected)))
-                if not ok and got >= MAX_ERROR_BODY:
+                if inflater is None:
+                    break
+                try:
+                    decoded = inflater.feed(chunk, limit - got + 1)
+                except zlib.error as exc:
+                    if not ok:
+                        break  # keep what could be read of the error page
+                    raise self._refused(status, f"with a {encoding} body that does not decompress: {exc}") from None
+                chunks.append(decoded)
+                got += len(decoded)
+                if got > limit:
+                    if ok:
+                        raise self._too_large(status, f"more than {limit} bytes", limit)
                     break
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise requests.ReadTimeout(str(exc)) from None
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:
+        except urllib3.exceptions.HTTPError as exc:
             raise requests.ConnectionError(f"the answer was cut off: {exc}") from None
+        if ok and inflater is not None and not inflater.complete:
+            raise requests.ConnectionError(f"the answer was cut off: its {encoding} stream ended early")
         return _Answer(
-            status=response.status_code,
+            status=status,
             reason=response.reason or "",
             headers=CaseInsensitiveDict(response.headers),
-            body=b"".join(chunks),
+            body=b"".join(chunks)[:limit],
             bytes_sent=total,
-            bytes_received=response.raw.tell() or got,
+            bytes_received=wire,
+            limits=self.limits,
+        )
+
+    def _refused(self, status: int, problem: str) -> RemoteVAEError:
+        hint = "the server or a proxy in front of it compresses answers in a way this client refuses: turn that off"
+        return RemoteVAEError(self.where, f"answered {status} {problem}", status=status, hint=hint)
+
+    def _too_large(self, status: int, size: str, limit: int) -> RemoteVAEError:
+        return RemoteVAEError(
+            self.where,
+            f"answered {status} with {size}, more than the {limit} bytes a reply to this request can hold",
+            status=status,
+            hint="check the endpoint URL: a remote-VAE server answers this request with less "
+            "(max_reply_bytes=... allows more)",
         )
 
 
-def _body_chunks(raw: Any) -> Iterator[bytes]:
-    """The decoded body as it arrives (read1: whatever is there, so progress and cancel stay live)."""
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    value = (headers.get("content-length") or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _raw_chunks(raw: Any) -> Iterator[bytes]:
+    """The body as it arrives, still encoded (read1: whatever is there, so progress and cancel stay live)."""
     read1 = getattr(raw, "read1", None)  # urllib3 >= 2.3; older versions block until a chunk is full
     if read1 is None:
-        yield from raw.stream(CHUNK // 4, decode_content=True)
+        yield from raw.stream(CHUNK // 4, decode_content=False)
         return
-    while chunk := read1(CHUNK, decode_content=True):
+    while chunk := read1(CHUNK, decode_content=False):
         yield chunk
 
 
-def _wait(exchange: _Exchange, progress: Progress | None, cancel: Cancel | None, endpoint: str) -> _Answer:
-    """Run the exchange in a daemon thread; poll `cancel` and forward progress from this thread."""
+def _wait(exchange: _Exchange, progress: Progress | None, cancel: Cancel | None, deadline: Deadline) -> _Answer:
+    """Run the exchange in a daemon thread; poll `cancel` and the deadline and forward progress from this
+    thread. On either the worker is told to stop at its next chunk; a stalled one is simply abandoned
+    (its socket times out soon after the deadline: see `send_one`)."""
     threading.Thread(target=exchange.run, name="remote-vae-http", daemon=True).start()
     while True:
         latest = None
@@ -274,8 +388,11 @@ def _wait(exchange: _Exchange, progress: Progress | None, cancel: Cancel | None,
                 raise value
             return value
         if cancel is not None and cancel():
-            exchange.abort.set()  # stops the upload/download; a stalled server is simply abandoned
-            raise RemoteVAECancelled(endpoint, "request was cancelled")
+            exchange.abort.set()
+            raise RemoteVAECancelled(exchange.where, "request was cancelled")
+        if deadline.left() <= 0:
+            exchange.abort.set()
+            raise deadline.passed(exchange.where)
 
 
 def _raise_if_cancelled(cancel: Cancel | None, endpoint: str) -> None:
@@ -296,6 +413,12 @@ def _sleep(seconds: float, cancel: Cancel | None, endpoint: str) -> None:
 
 def retry_after_seconds(value: str | None) -> float | None:
     """`Retry-After` as seconds (delta-seconds or an HTTP date), capped at MAX_RETRY_AFTER."""
+    asked = retry_after_asked(value)
+    return None if asked is None else min(asked, MAX_RETRY_AFTER)
+
+
+def retry_after_asked(value: str | None) -> float | None:
+    """`Retry-After` as the seconds the server asks for (not negative, not capped); None when unreadable."""
     if not value:
         return None
     value = value.strip()
@@ -311,7 +434,7 @@ def retry_after_seconds(value: str | None) -> float | None:
         seconds = (when - datetime.now(timezone.utc)).total_seconds()
     if seconds != seconds:  # NaN
         return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return max(seconds, 0.0)
 
 
 def backoff_seconds(backoff: float, attempt: int) -> float:
@@ -319,18 +442,46 @@ def backoff_seconds(backoff: float, attempt: int) -> float:
     return min(backoff * 2**attempt, MAX_BACKOFF)
 
 
-def send_one(endpoint: str, wire: protocol.WireRequest, **options: Unpack[TransportOptions]) -> Reply:
-    """POST `wire` to `endpoint` and return the 2xx reply, retrying what is worth retrying.
+def from_proxy(headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether an error answer comes from a proxy or gateway in front of the server, not the server.
 
-    Connection errors and HTTP 408/429/500/502/503/504 are retried up to `retries` times, waiting
-    `Retry-After` when the server gives one, else `backoff * 2**attempt` (both capped). Read timeouts
-    are not retried (the server got the request and may still be working on it). Any other status
-    raises at once. `progress(bytes_sent, total_to_send, bytes_received, total_to_receive_or_None)`
-    is called from this thread; `cancel()` is polled every POLL_INTERVAL seconds while waiting.
+    A remote-VAE server answers its own errors with a JSON `{"error": ...}` body, and ours sets
+    X-Request-ID on every answer; a proxy's own 502/504 (nginx, a load balancer, a cloud gateway) is an
+    HTML or text page. An answer with either mark counts as the server's own.
+    """
+    return "x-request-id" not in headers and not is_json_error(body)
+
+
+def worth_retrying(status: int, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether a retry can fix this error answer: RETRY_STATUSES from anyone, PROXY_RETRY_STATUSES
+    from a proxy only (the server's own 504 means its deadline passed: a retry would run the job again)."""
+    return status in RETRY_STATUSES or (status in PROXY_RETRY_STATUSES and from_proxy(headers, body))
+
+
+def send_one(
+    endpoint: str,
+    wire: protocol.WireRequest,
+    *,
+    deadline: Deadline | None = None,
+    **options: Unpack[TransportOptions],
+) -> Reply:
+    """POST `wire` to `endpoint` and return the 2xx reply, retrying what a retry can fix.
+
+    Connection errors, connect timeouts and the answers `worth_retrying` are retried up to `retries`
+    times, waiting `Retry-After` when the answer gives one, else `backoff * 2**attempt` (both capped).
+    Read timeouts are not retried (the server got the request and may still be working on it). Any
+    other status raises at once. Nothing outlasts `deadline` (default: `total_timeout` from now): an
+    attempt still running then is abandoned, and a wait that would pass it is not begun (a Retry-After
+    longer than what is left is a RemoteVAETimeout at once). A 2xx body longer than `max_reply_bytes`
+    (default: what the request can decode to, remote/bounds.py) is refused as it arrives.
+    `progress(bytes_sent, total_to_send, bytes_received, total_to_receive_or_None)` is called from
+    this thread; `cancel()` is polled every POLL_INTERVAL seconds while waiting.
     """
     where = display_url(endpoint)
     cold_start_timeout = options.get("cold_start_timeout")
     connect_timeout, read_timeout = split_timeout(options.get("timeout", DEFAULT_TIMEOUT), cold_start_timeout)
+    deadline = deadline or deadline_for(options)
+    limits = reply_limits(wire, options.get("max_reply_bytes"))
     retries = options.get("retries", DEFAULT_RETRIES)
     backoff = options.get("backoff", DEFAULT_BACKOFF)
     token, token_advice = authorization(endpoint, where, options)
@@ -344,11 +495,15 @@ def send_one(endpoint: str, wire: protocol.WireRequest, **options: Unpack[Transp
     started = time.monotonic()
     for attempt in range(retries + 1):
         _raise_if_cancelled(cancel, where)
-        exchange = _Exchange(
-            session, endpoint, wire.params, headers, wire.body, (connect_timeout, read_timeout)
-        )
+        left = deadline.left()
+        if left <= 0:
+            raise deadline.passed(where)
+        # Every socket wait ends soon after the deadline, so an abandoned attempt does not linger.
+        timeouts = (min(connect_timeout, left + 1.0), min(read_timeout, left + 1.0))
+        exchange = _Exchange(session, where, endpoint, wire.params, headers, wire.body, timeouts, limits)
+        asked = None
         try:
-            answer = _wait(exchange, progress, cancel, where)
+            answer = _wait(exchange, progress, cancel, deadline)
         except requests.ConnectTimeout:
             error: RemoteVAEError = RemoteVAETimeout(
                 where,
@@ -379,20 +534,48 @@ def send_one(endpoint: str, wire: protocol.WireRequest, **options: Unpack[Transp
             raise RemoteVAEError(
                 where, "is not a valid URL", hint="an endpoint looks like http://host:8190/<model>"
             ) from None
+        except requests.RequestException as exc:  # the rest of what requests raises (too many redirects, ...)
+            raise RemoteVAEError(where, f"failed: {redact(clip(str(exc)), token)}") from None
         else:
             if 200 <= answer.status < 300:
                 return _reply(where, answer, attempt + 1, started)
             error = _http_error(where, answer, token, token_advice)
-            if answer.status not in RETRY_STATUSES:
+            if not error.retryable:
                 raise error
-            delay = retry_after_seconds(answer.headers.get("retry-after"))
-            if delay is None:
-                delay = backoff_seconds(backoff, attempt)
+            asked = retry_after_asked(answer.headers.get("retry-after"))
+            delay = backoff_seconds(backoff, attempt) if asked is None else min(asked, MAX_RETRY_AFTER)
         if attempt == retries:
+            raise error
+        left = deadline.left()
+        if asked is not None and asked > left:
+            raise _waits_too_long(error, asked, left)
+        if delay >= left:
             raise error
         log.warning("%s; retry %d/%d in %.2f s", error, attempt + 1, retries, delay)
         _sleep(delay, cancel, where)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def reply_limits(wire: protocol.WireRequest, max_reply_bytes: int | None) -> ReplyLimits:
+    """What a reply to `wire` may hold; `max_reply_bytes` replaces the byte bound when given."""
+    limits = limits_for(wire)
+    if max_reply_bytes is None:
+        return limits
+    if not max_reply_bytes > 0:
+        raise ValueError(f"max_reply_bytes={max_reply_bytes!r} must be a positive number of bytes")
+    return replace(limits, max_bytes=int(max_reply_bytes))
+
+
+def _waits_too_long(error: RemoteVAEError, asked: float, left: float) -> RemoteVAETimeout:
+    """A Retry-After longer than the call has left: waiting would only end in a timeout."""
+    return RemoteVAETimeout(
+        error.endpoint,
+        f"answered {error.status} and asked to wait {asked:g} s before a retry (Retry-After), "
+        f"but the timeout leaves {max(left, 0.0):.1f} s",
+        status=error.status,
+        server_message=error.server_message,
+        hint="the server is busy or starting: run again later, or raise the timeout",
+    )
 
 
 _UNKNOWN_HOST = (
@@ -424,12 +607,15 @@ def _connection_error(
 
 def _http_error(where: str, answer: _Answer, token: str | None, token_advice: str | None) -> RemoteVAEError:
     message = redact(server_message(answer.body), token)
+    # The server's own 502/504 is its job failing or running out of time, not a proxy's: say so.
+    own = None if from_proxy(answer.headers, answer.body) else OWN_STATUS_HINTS.get(answer.status)
     return RemoteVAEError(
         where,
         f"answered {answer.status}: {message or answer.reason or 'no message'}",
         status=answer.status,
         server_message=message,
-        hint=status_hint(answer.status, token is not None, token_advice),
+        hint=own or status_hint(answer.status, token is not None, token_advice),
+        retryable=worth_retrying(answer.status, answer.headers, answer.body),
     )
 
 
@@ -444,4 +630,4 @@ def _reply(where: str, answer: _Answer, attempts: int, started: float) -> Reply:
         server=answer.headers.get("server"),
         request_id=answer.headers.get("x-request-id"),
     )
-    return Reply(answer.body, answer.headers, transfer)
+    return Reply(answer.body, answer.headers, transfer, answer.limits)

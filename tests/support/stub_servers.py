@@ -7,10 +7,13 @@ daemon thread; stalls end when the context exits or after STALL_LIMIT seconds, w
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 import torch
+from PIL import Image
 
 from remote_vae.remote import protocol
 
@@ -63,6 +67,8 @@ class Canned:
     body: bytes = b""
     content_length: int | None = None
     trickle: float = 0.0  # seconds between body bytes chunks (a slow server)
+    chunk: int = 1024  # bytes per trickled chunk
+    length_header: bool = True  # False: no Content-Length, the body ends when the connection closes
     stall: bool = False  # never answer (until the stub stops)
 
 
@@ -93,6 +99,43 @@ def text_answer(status: int, text: str, content_type: str = "text/html") -> Cann
     return Canned(status, [("Content-Type", content_type)], text.encode())
 
 
+def proxy_error(status: int) -> Canned:
+    """What nginx or a load balancer answers itself: an HTML page, no X-Request-ID."""
+    title = {502: "502 Bad Gateway", 504: "504 Gateway Time-out"}.get(status, str(status))
+    page = f"<html><head><title>{title}</title></head><body><center><h1>{title}</h1></center></body></html>"
+    return Canned(status, [("Content-Type", "text/html"), ("Server", "nginx")], page.encode())
+
+
+def gzip_bomb(inflated: int, headers: list[tuple[str, str]] | None = None) -> Canned:
+    """A 200 whose gzip body inflates to `inflated` zero bytes (~1/1000 of that on the wire)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    parts = [packer.compress(zeros) for _ in range(inflated >> 20)]
+    body = b"".join(parts) + packer.compress(bytes(inflated % (1 << 20))) + packer.flush()
+    return Canned(200, (headers or []) + [("Content-Encoding", "gzip")], body)
+
+
+def declared_png(width: int, height: int, padding: int = 0) -> bytes:
+    """A PNG whose header declares width x height RGB pixels; its data is `padding` bytes of noise."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    noise = bytes((i * 7919) % 251 for i in range(padding))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", noise) + chunk(b"IEND", b"")
+
+
+def declared_jpeg(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG whose frame header is rewritten to declare width x height."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real servers
     timeout = 10  # socket timeout while reading a request
@@ -121,17 +164,18 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in answer.headers:
             self.send_header(key, value)
         length = len(answer.body) if answer.content_length is None else answer.content_length
-        self.send_header("Content-Length", str(length))
+        if answer.length_header:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
         if not answer.trickle:
             self.wfile.write(answer.body)
         else:
-            for start in range(0, len(answer.body), 1024):
-                self.wfile.write(answer.body[start : start + 1024])
+            for start in range(0, len(answer.body), answer.chunk):
+                self.wfile.write(answer.body[start : start + answer.chunk])
                 self.wfile.flush()
                 if stub.stop.wait(answer.trickle):
                     break
-        if answer.content_length is not None:
+        if answer.content_length is not None or not answer.length_header:
             self.close_connection = True
 
     do_GET = do_POST
