@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .choices import (
     CATEGORY,
     DEFAULT_TIMEOUT,
@@ -18,7 +20,7 @@ ENDPOINT_TIP = (
     "A server's token is bound to its address in Settings > Remote VAE, never saved in the workflow."
 )
 PRESET_TIP = "The VAE family. auto: detected from the latent's shape (pick one when several fit)."
-TIMEOUT_TIP = "Seconds to wait for each answer (a cold endpoint may need minutes)."
+TIMEOUT_TIP = "Seconds the whole remote call may take, retries included (a cold endpoint may need minutes)."
 VAE_TIP = "Optional local VAE: used, with a warning, when the remote server fails."
 
 
@@ -54,71 +56,91 @@ DECODE_TRANSFER_TIP = (
 ENCODE_TRANSFER_TIP = "lossless: 8-bit pixels; exact: float32 pixels (for images that are not 8-bit)."
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """What one node declares to ComfyUI besides the shared widgets."""
+
+    description: str
+    output: tuple[str, str]  # ComfyUI type, tooltip
+    tensor_input: tuple[str, str, str]  # name, ComfyUI type, tooltip
+    transfers: tuple[str, ...]
+    transfer_tip: str
+    video_only: bool = False
+
+
 class _RemoteNode:
-    """What the three nodes share: category, widgets and inputs; each names its tensor input."""
+    """What the three nodes share: category, widgets and inputs; each subclass gives its NodeSpec."""
 
     CATEGORY = CATEGORY
-    TENSOR_INPUT: tuple[str, str, str]  # name, ComfyUI type, tooltip
-    TRANSFERS: tuple[str, ...]
-    TRANSFER_TIP: str
-    VIDEO_ONLY = False
+    SPEC: NodeSpec
+
+    def __init_subclass__(cls, spec: NodeSpec, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.SPEC, cls.DESCRIPTION = spec, spec.description
+        cls.RETURN_TYPES, cls.OUTPUT_TOOLTIPS = (spec.output[0],), (spec.output[1],)
 
     @classmethod
     def INPUT_TYPES(cls):
-        name, kind, tip = cls.TENSOR_INPUT
+        spec = cls.SPEC
+        name, kind, tip = spec.tensor_input
         required = {name: (kind, {"tooltip": tip})}
-        required.update(_connection_inputs(cls.TRANSFERS, preset_choices(cls.VIDEO_ONLY), cls.TRANSFER_TIP))
+        required.update(_connection_inputs(spec.transfers, preset_choices(spec.video_only), spec.transfer_tip))
         return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
 
     def _request(self, preset, endpoint, transfer, timeout):
         from .operations import NodeRequest
 
-        return NodeRequest(preset, endpoint, transfer, timeout, video_only=self.VIDEO_ONLY)
+        return NodeRequest(preset, endpoint, transfer, timeout, video_only=self.SPEC.video_only)
 
 
-class RemoteVAEDecode(_RemoteNode):
+DECODE = NodeSpec(
+    "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU.",
+    ("IMAGE", "The decoded images (video latents: their frames)."),
+    ("samples", "LATENT", "The latent to decode."),
+    TRANSFER_DECODE,
+    DECODE_TRANSFER_TIP,
+)
+VIDEO_DECODE = NodeSpec(
+    "Decodes video latents on a remote VAE server; returns every video's frames in order.",
+    ("IMAGE", "The frames of every video in the batch, in order."),
+    ("samples", "LATENT", "The latent to decode."),
+    TRANSFER_VIDEO,
+    DECODE_TRANSFER_TIP,
+    video_only=True,
+)
+ENCODE = NodeSpec(
+    "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU.",
+    ("LATENT", "The raw latents (posterior mode), as VAEEncode gives them."),
+    ("pixels", "IMAGE", "The images to encode (a video VAE: the frames of one video)."),
+    TRANSFER_ENCODE,
+    ENCODE_TRANSFER_TIP,
+)
+
+
+class RemoteVAEDecode(_RemoteNode, spec=DECODE):
     """LATENT -> IMAGE on a remote VAE server; the same pixels as VAEDecode with the same weights."""
 
-    DESCRIPTION = "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The decoded images (video latents: their frames).",)
     FUNCTION = "decode"
-    TENSOR_INPUT = ("samples", "LATENT", "The latent to decode.")
-    TRANSFERS = TRANSFER_DECODE
-    TRANSFER_TIP = DECODE_TRANSFER_TIP
 
     def decode(self, samples, preset, endpoint, transfer, timeout, vae=None, unique_id=None):  # fmt: skip
         from .operations import decode_node
 
-        request = self._request(preset, endpoint, transfer, timeout)
-        return (decode_node(unique_id, samples, vae, request),)
+        return (decode_node(unique_id, samples, vae, self._request(preset, endpoint, transfer, timeout)),)
 
 
-class RemoteVideoDecode(RemoteVAEDecode):
+class RemoteVideoDecode(RemoteVAEDecode, spec=VIDEO_DECODE):
     """Video LATENT [B,C,T,H,W] -> IMAGE frames [B*F,H,W,3], one request per video."""
 
-    DESCRIPTION = "Decodes video latents on a remote VAE server; returns every video's frames in order."
-    OUTPUT_TOOLTIPS = ("The frames of every video in the batch, in order.",)
-    VIDEO_ONLY = True
-    TRANSFERS = TRANSFER_VIDEO
 
-
-class RemoteVAEEncode(_RemoteNode):
+class RemoteVAEEncode(_RemoteNode, spec=ENCODE):
     """IMAGE -> LATENT on a remote VAE server; the same latents as VAEEncode with the same weights."""
 
-    DESCRIPTION = "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU."
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The raw latents (posterior mode), as VAEEncode gives them.",)
     FUNCTION = "encode"
-    TENSOR_INPUT = ("pixels", "IMAGE", "The images to encode (a video VAE: the frames of one video).")
-    TRANSFERS = TRANSFER_ENCODE
-    TRANSFER_TIP = ENCODE_TRANSFER_TIP
 
     def encode(self, pixels, preset, endpoint, transfer, timeout, vae=None, unique_id=None):  # fmt: skip
         from .operations import encode_node
 
-        request = self._request(preset, endpoint, transfer, timeout)
-        return (encode_node(unique_id, pixels, vae, request),)
+        return (encode_node(unique_id, pixels, vae, self._request(preset, endpoint, transfer, timeout)),)
 
 
 NODE_CLASS_MAPPINGS = {

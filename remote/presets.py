@@ -1,55 +1,26 @@
-"""The model preset table: one row per VAE family. Data, not code paths.
+"""The model presets: one row per VAE family in `presets.toml` (data, not code paths), and the checks
+that match a latent to them.
 
-Values follow ComfyUI's `comfy/latent_formats.py` (scale/shift, per-channel mean/std) and the
-Hugging Face hybrid-inference endpoints (docs/protocol.md).
-Adding a model is adding a row here plus a test.
+Values follow ComfyUI's latent formats (scale/shift, per-channel mean/std) and the Hugging Face
+hybrid-inference endpoints (docs/protocol.md). Adding a model is adding a row to the table plus a test.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 HF = "https://{}.us-east-1.aws.endpoints.huggingface.cloud/"
-
-WAN21_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-WAN21_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
-WAN22_MEAN = (
-    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
-    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
-    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
-    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
-    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
-)  # fmt: skip
-WAN22_STD = (
-    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
-    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
-    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
-    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
-    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
-)  # fmt: skip
-
-# Architecture of the published SD-family VAE (SD1.5, SDXL, SD3, Flux share it; only channels differ).
-_KL_ARCH = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-}
+TABLE = Path(__file__).with_name("presets.toml")
 
 
 @dataclass(frozen=True)
@@ -154,172 +125,31 @@ class Preset:
         }
 
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            name="sd15",
-            label="Stable Diffusion 1.x / 2.x",
-            latent_channels=4,
-            dims=2,
-            spatial_compression=8,
-            scaling_factor=0.18215,
-            hf_decode_endpoint=HF.format("q1bj3bpq6kzilnsu"),
-            hf_encode_endpoint=HF.format("qc6479g0aac6qwy9"),
-            checkpoint="stabilityai/sd-vae-ft-mse",
-            config={**_KL_ARCH, "latent_channels": 4, "sample_size": 512, "scaling_factor": 0.18215},
-            safe_dtypes=("float16", "bfloat16", "float32"),
-        ),
-        Preset(
-            name="sdxl",
-            label="Stable Diffusion XL",
-            latent_channels=4,
-            dims=2,
-            spatial_compression=8,
-            scaling_factor=0.13025,
-            hf_decode_endpoint=HF.format("x2dmsqunjd6k9prw"),
-            hf_encode_endpoint=HF.format("xjqqhmyn62rog84g"),
-            checkpoint="stabilityai/sdxl-vae",
-            config={**_KL_ARCH, "latent_channels": 4, "sample_size": 1024, "scaling_factor": 0.13025},
-            # The original SDXL VAE overflows in float16 (NaNs); madebyollin/sdxl-vae-fp16-fix does not.
-            safe_dtypes=("bfloat16", "float32"),
-            note="The original SDXL VAE is not fp16-safe; the HF endpoint serves madebyollin/sdxl-vae-fp16-fix.",
-        ),
-        Preset(
-            name="sd3",
-            label="Stable Diffusion 3 / 3.5",
-            latent_channels=16,
-            dims=2,
-            spatial_compression=8,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            checkpoint="stabilityai/stable-diffusion-3.5-large",
-            subfolder="vae",
-            config={
-                **_KL_ARCH,
-                "latent_channels": 16,
-                "sample_size": 1024,
-                "scaling_factor": 1.5305,
-                "shift_factor": 0.0609,
-                "use_quant_conv": False,
-                "use_post_quant_conv": False,
-            },
-            safe_dtypes=("bfloat16", "float16", "float32"),
-        ),
-        Preset(
-            name="flux",
-            label="Flux.1 (also Chroma, HiDream, Lumina 2)",
-            latent_channels=16,
-            dims=2,
-            spatial_compression=8,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            hf_decode_endpoint=HF.format("whhx50ex1aryqvw6"),
-            hf_encode_endpoint=HF.format("ptccx55jz97f9zgo"),
-            checkpoint="black-forest-labs/FLUX.1-schnell",
-            subfolder="vae",
-            config={
-                **_KL_ARCH,
-                "latent_channels": 16,
-                "sample_size": 1024,
-                "scaling_factor": 0.3611,
-                "shift_factor": 0.1159,
-                "use_quant_conv": False,
-                "use_post_quant_conv": False,
-            },
-            safe_dtypes=("bfloat16", "float16", "float32"),
-            packed=True,
-        ),
-        Preset(
-            name="hunyuan_video",
-            label="HunyuanVideo 1.0",
-            latent_channels=16,
-            dims=3,
-            spatial_compression=8,
-            temporal_compression=4,
-            scaling_factor=0.476986,
-            hf_decode_endpoint=HF.format("o7ywnmrahorts457"),
-            checkpoint="hunyuanvideo-community/HunyuanVideo",
-            subfolder="vae",
-            diffusers_class="AutoencoderKLHunyuanVideo",
-            config={"latent_channels": 16, "scaling_factor": 0.476986},
-            decode_memory=1500 * 4 * 8 * 8,
-            decode_memory_per_frame=True,
-            encode_memory=1767 * 2,
-            safe_dtypes=("float16", "bfloat16", "float32"),
-            fps=24,
-        ),
-        Preset(
-            name="wan21",
-            label="Wan 2.1 (and Wan 2.2 14B)",
-            latent_channels=16,
-            dims=3,
-            spatial_compression=8,
-            temporal_compression=4,
-            latents_mean=WAN21_MEAN,
-            latents_std=WAN21_STD,
-            hf_decode_endpoint=None,  # HF's Wan endpoint (PR #11031) was never shipped
-            checkpoint="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-            subfolder="vae",
-            diffusers_class="AutoencoderKLWan",
-            config={"z_dim": 16},
-            safe_dtypes=("bfloat16", "float32"),
-            fps=16,
-            decode_memory=7000 * 64,  # causal, chunked decode: independent of the frame count
-            encode_memory=1767 * 2,
-        ),
-        Preset(
-            name="wan22",
-            label="Wan 2.2 5B (48-channel VAE)",
-            latent_channels=48,
-            dims=3,
-            spatial_compression=16,
-            temporal_compression=4,
-            latents_mean=WAN22_MEAN,
-            latents_std=WAN22_STD,
-            checkpoint="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            subfolder="vae",
-            diffusers_class="AutoencoderKLWan",
-            config={
-                "base_dim": 160,
-                "decoder_base_dim": 256,
-                "z_dim": 48,
-                "is_residual": True,
-                "in_channels": 12,
-                "out_channels": 12,
-                "patch_size": 2,
-                "scale_factor_spatial": 16,
-                "scale_factor_temporal": 4,
-                "temperal_downsample": [False, True, True],
-                "latents_mean": list(WAN22_MEAN),
-                "latents_std": list(WAN22_STD),
-            },
-            safe_dtypes=("bfloat16", "float32"),
-            fps=24,
-            decode_memory=8000 * 256,
-            encode_memory=1767 * 4,
-        ),
-        Preset(
-            name="qwen_image",
-            label="Qwen-Image",
-            latent_channels=16,
-            dims=3,
-            spatial_compression=8,
-            temporal_compression=4,
-            latents_mean=WAN21_MEAN,
-            latents_std=WAN21_STD,
-            checkpoint="Qwen/Qwen-Image",
-            subfolder="vae",
-            diffusers_class="AutoencoderKLQwenImage",
-            config={"z_dim": 16},
-            decode_memory=2200 * 64,
-            encode_memory=1767 * 2,
-            safe_dtypes=("bfloat16", "float32"),
-            still_image=True,
-            note="Image model with a Wan-style VAE: latents are [B,16,1,H/8,W/8].",
-        ),
-    )
-}
+def load_table(path: Path = TABLE) -> dict[str, Preset]:
+    """The presets of the table file, in its order; shared architectures and stats are resolved here."""
+    with path.open("rb") as table_file:
+        table = tomllib.load(table_file)
+    architectures, stats = table.get("architectures", {}), table.get("stats", {})
+    presets = {}
+    for row in table["preset"]:
+        row = dict(row)
+        config = {**architectures.get(row.pop("architecture", ""), {}), **row.pop("config", {})}
+        if "stats" in row:
+            mean, std = (tuple(stats[row["stats"]][key]) for key in ("mean", "std"))
+            row.update(latents_mean=mean, latents_std=std)
+            if row.pop("config_stats", False):
+                config.update(latents_mean=list(mean), latents_std=list(std))
+            del row["stats"]
+        for key in ("hf_decode", "hf_encode"):
+            if key in row:
+                row[f"{key}_endpoint"] = HF.format(row.pop(key))
+        if "safe_dtypes" in row:
+            row["safe_dtypes"] = tuple(row["safe_dtypes"])
+        presets[row["name"]] = Preset(**row, config=config)
+    return presets
+
+
+PRESETS: dict[str, Preset] = load_table()
 
 AUTO = "auto"
 

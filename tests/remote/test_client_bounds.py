@@ -170,10 +170,10 @@ def test_the_servers_own_504_says_its_limit_passed():
 def test_our_real_servers_504_is_sent_once():
     """The rule above matches what our server answers when its --request-timeout passes."""
     from remote_vae.local_server.app import Settings, create_app
-    from remote_vae.local_server.engine import ModelHost
+    from remote_vae.local_server.registry import ModelRegistry
     from remote_vae.local_server.limits import Limits
     from support import serving
-    from support.tiny import tiny_kl
+    from remote_vae.testing import random_vae
 
     release = threading.Event()
 
@@ -190,8 +190,8 @@ def test_our_real_servers_504_is_sent_once():
             release.wait(30)
             return self.inner.decode(z)
 
-    host = ModelHost()
-    host.add("sd15", PRESETS["sd15"], model=Blocking(tiny_kl(4, seed=7)), device="cpu", dtype="float32")
+    host = ModelRegistry()
+    host.add("sd15", PRESETS["sd15"], model=Blocking(random_vae("sd15", 7)), device="cpu", dtype="float32")
     try:
         with serving.serve(create_app(host, Settings(limits=Limits(request_timeout=0.5)))) as url:
             try:
