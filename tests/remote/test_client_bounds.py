@@ -170,10 +170,10 @@ def test_the_servers_own_504_says_its_limit_passed():
 def test_our_real_servers_504_is_sent_once():
     """The rule above matches what our server answers when its --request-timeout passes."""
     from remote_vae.local_server.app import Settings, create_app
-    from remote_vae.local_server.registry import ModelRegistry
     from remote_vae.local_server.limits import Limits
-    from support import serving
+    from remote_vae.local_server.registry import ModelRegistry
     from remote_vae.testing import random_vae
+    from support import serving
 
     release = threading.Event()
 
