@@ -20,7 +20,9 @@ class ConnectionLimits:
     # From a connection's first moment (or a request's first byte) to the end of its headers: a client
     # sends its headers at once, so this only ends clients that stall (slowloris) or never send anything.
     header_timeout: float = 10.0
-    keep_alive_timeout: int = 5  # idle between two requests of one connection (uvicorn's default)
+    # Idle between two requests of one connection (uvicorn's default); also how long the rest of a body
+    # the server answered without reading (a 401, 413 or 408) may keep arriving before the connection ends.
+    keep_alive_timeout: int = 5
     # A response whose client reads none of it for this long is dropped (the connection is aborted);
     # each time its socket buffer drains, the clock starts again, so slow readers are fine.
     send_timeout: float = 30.0

@@ -98,7 +98,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _busy(self) -> Any:
         limit = self.limits.max_connections
-        return error_response(503, f"the server has {limit} open connections, its limit; retry shortly", {"retry-after": "1"})
+        message = f"the server has {limit} open connections, its limit; retry shortly"
+        return error_response(503, message, {"retry-after": "1", "connection": "close"})  # and one fewer
 
     # ------------------------------------------------------------------ after a response: nothing held forever
 
