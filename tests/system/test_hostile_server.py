@@ -174,25 +174,28 @@ def ordinary_decode(url: str) -> float:
 
 def test_hostile_clients_at_once_leave_an_ordinary_decode_fast_and_memory_bounded(folder):
     args = ["--model", f"sd15={folder}", "--preload", "--send-timeout", "3", "--min-upload-rate", "4096", "--upload-timeout", "3"]
-    with running_server(args) as (url, process), Hostiles(url) as hostiles:
+    with running_server(args) as (url, process):
         for _ in range(3):
             ordinary_decode(url)  # warm-up
-        normal = statistics.median(ordinary_decode(url) for _ in range(7))
-        hostiles.start("unread", hostiles.never_reads, count=2)  # once each: 2 x 7 MiB answers, held unread
-        wait_for_metric(url, 'outcome="ok",status="200"} 12')  # their decodes are done (a decode's memory is no attack's)
-        peak = reset_peak_rss(process.pid)
-        before = peak()
-        hostiles.start("header", hostiles.header_flood)
-        hostiles.start("upload", hostiles.slow_upload, count=4)
-        hostiles.start("bomb", hostiles.bomb)
-        time.sleep(1)  # every one of them at work
-        attacked = statistics.median(ordinary_decode(url) for _ in range(7))
-        time.sleep(max(0.0, 12 - 7 * attacked))  # long enough for the slow uploads' 408s (after 10 s)
-        assert requests.get(url + "/health", timeout=5).status_code == 200
-        hostiles.stop.set()
-        grown = peak() - before
-    print(f"ordinary decode {normal * 1000:.0f} ms, under attack {attacked * 1000:.0f} ms; peak RSS grew {grown >> 20} MiB; {dict(hostiles.seen)}")
-    assert attacked <= 2 * normal, f"an ordinary decode took {attacked:.3f} s under attack, {normal:.3f} s before"
+        before = statistics.median(ordinary_decode(url) for _ in range(7))
+        with Hostiles(url) as hostiles:
+            hostiles.start("unread", hostiles.never_reads, count=2)  # once each: 2 x 7 MiB answers, held unread
+            wait_for_metric(url, 'outcome="ok",status="200"} 12')  # their decodes are done (a decode's memory is no attack's)
+            peak = reset_peak_rss(process.pid)
+            start = peak()
+            hostiles.start("header", hostiles.header_flood)
+            hostiles.start("upload", hostiles.slow_upload, count=4)
+            hostiles.start("bomb", hostiles.bomb)
+            time.sleep(1)  # every one of them at work
+            attacked = statistics.median(ordinary_decode(url) for _ in range(7))
+            time.sleep(max(0.0, 12 - 7 * attacked))  # long enough for the slow uploads' 408s (after 10 s)
+            assert requests.get(url + "/health", timeout=5).status_code == 200
+            grown = peak() - start
+        after = statistics.median(ordinary_decode(url) for _ in range(7))
+    normal = min(before, after)  # the machine's other work may slow either; the faster is the normal time
+    print(f"ordinary decode {before * 1000:.0f} ms before, {attacked * 1000:.0f} ms under attack, {after * 1000:.0f} ms after; "
+          f"peak RSS grew {grown >> 20} MiB; {dict(hostiles.seen)}")  # fmt: skip
+    assert attacked <= 2 * normal, f"an ordinary decode took {attacked:.3f} s under attack, {normal:.3f} s without"
     assert grown <= PEAK_GROWTH_BOUND, f"the server's peak memory grew by {grown >> 20} MiB"
     assert hostiles.seen["header 431"] >= 1 and hostiles.seen["upload 408"] >= 4 and hostiles.seen["unread dropped"] == 2
     assert hostiles.seen["bomb 413"] + hostiles.seen["bomb 400"] >= 1
