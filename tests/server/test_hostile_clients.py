@@ -15,14 +15,17 @@ import pytest
 import requests
 import torch
 
-from remote_vae.local_server.app import Settings
+from remote_vae.local_server.app import Settings, create_app
+from remote_vae.local_server.backends.diffusers import DiffusersLoader
 from remote_vae.local_server.connections import ConnectionLimits
 from remote_vae.local_server.limits import Limits
+from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.local_server.uploads import UploadLimits
 from remote_vae.remote import protocol
+from remote_vae.remote.presets import PRESETS
 from remote_vae.testing import random_vae
 from support.raw_http import closed_within, connect, read_answer, request_head
-from support.serving import error_of, hosting, post_decode, post_encode, tensor_of
+from support.serving import error_of, hosting, post_decode, post_encode, serve, tensor_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -271,3 +274,18 @@ def test_no_heap_addresses_in_messages(vae):
         assert error_of(unreadable, 400).startswith("encode body could not be read as an image: cannot identify image file <_io.BytesIO object>")
         failed = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
         assert error_of(failed, 500) == "internal server error: RuntimeError: cannot decode with <object object>"
+
+
+def test_no_heap_addresses_in_a_load_failure(vae):
+    def loader(preset, source, *, device, dtype):
+        raise OSError(f"cannot open {object()!r}")
+
+    host = ModelRegistry(loader=DiffusersLoader(loader))
+    host.add("sd15", PRESETS["sd15"], source="/models/vae", device="cpu")
+    try:
+        with serve(create_app(host)) as url:
+            message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 503)
+            assert message.startswith("model 'sd15' could not be loaded from /models/vae: cannot open <object object>")
+            assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["error"] == message
+    finally:
+        host.close()
