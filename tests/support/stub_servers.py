@@ -97,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real servers
     timeout = 10  # socket timeout while reading a request
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
         stub: _Server = self.server  # type: ignore[assignment]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
