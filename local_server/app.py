@@ -1,8 +1,9 @@
 """The server's HTTP face: a Starlette app speaking Hugging Face's remote-VAE protocol (docs/protocol.md).
 
-One request reads top to bottom: pick the model, parse with `remote.protocol`, validate against the
-preset, run on the device worker (`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer.
-Around the job routes: the request log and metrics, the token check and admission, as route middleware.
+One request reads top to bottom: pick the model, read the body (`uploads`), take an admission slot
+(`limits.Admission`), parse with `remote.protocol`, validate against the preset, run on the device worker
+(`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer. Around the job routes: the request log
+and metrics and the token check, as route middleware; below them, the connection limits (`http_server`).
 Errors carry their status (`errors.ServerError`); client mistakes get 4xx JSON naming the bad value,
 only the server's own faults get 5xx.
 """
@@ -35,6 +36,7 @@ from .limits import Admission, Limits
 from .metrics import Metrics, server_metrics
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
+from .uploads import UploadLimits, read_body
 
 log = logging.getLogger("remote_vae.server")
 
@@ -44,9 +46,11 @@ RESERVED_NAMES = frozenset({"predict", "health", "ready", "v1", "metrics", "deco
 
 @dataclass
 class Settings:
-    """Server-wide policy: limits, the bearer token (None: no auth), CORS origins, metrics."""
+    """Server-wide policy: limits, how fast bodies must arrive, the bearer token (None: no auth), CORS
+    origins, metrics."""
 
     limits: Limits = field(default_factory=Limits)
+    uploads: UploadLimits = field(default_factory=UploadLimits)
     token: str | None = None
     cors_origins: Sequence[str] = ()
     metrics: Metrics = field(default_factory=server_metrics)
@@ -58,7 +62,7 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
     for name in models.names:
         check_model_name(name)
     metrics = settings.metrics
-    endpoints = JobEndpoints(models, settings.limits)
+    endpoints = JobEndpoints(models, settings)
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("Ok")
@@ -82,7 +86,6 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
     job = [
         Middleware(RequestLog, metrics=metrics),
         Middleware(RequireToken, token=settings.token, on_refusal=lambda: metrics.inc("remote_vae_rejected_total", reason="auth")),
-        Middleware(Admission(settings.limits.max_in_flight, metrics)),
     ]
     routes = [
         Route("/", health, methods=["GET"]),
@@ -139,9 +142,11 @@ async def bad_request(request: Request, exc: Exception) -> Response:
 class JobEndpoints:
     """POST a decode or encode: by path (/{model}/decode, /{model}/encode) or by Content-Type."""
 
-    def __init__(self, models: ModelRegistry, limits: Limits) -> None:
+    def __init__(self, models: ModelRegistry, settings: Settings) -> None:
         self.models = models
-        self.limits = limits
+        self.limits = settings.limits
+        self.uploads = settings.uploads
+        self.admission = Admission(settings.limits.max_in_flight, settings.metrics)
         self.jobs = JobRunner(models)
         self._answers = {"decode": self._decode, "encode": self._encode}
 
@@ -168,9 +173,10 @@ class JobEndpoints:
         hosted = self.models.get(request.path_params.get("model") or self.models.default_name)
         op = op or protocol.operation_for(request.headers.get("content-type"))
         ex.model, ex.op = hosted.name, op
-        body = await read_body(request, self.limits)
+        body = await read_body(request, self.limits, self.uploads)  # before a slot: a slow upload holds none
         ex.bytes_in = len(body)
-        return await self._answers[op](hosted, request, body, ex)
+        with self.admission.slot():
+            return await self._answers[op](hosted, request, body, ex)
 
     async def _decode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         # Parsing copies the body and scans it for NaN: CPU work for the pool, not the event loop.
@@ -215,19 +221,6 @@ class JobEndpoints:
         if fits:
             message += "; hosted models that fit: " + ", ".join(f"/{name}" for name in fits)
         return message
-
-
-async def read_body(request: Request, limits: Limits) -> bytes:
-    """The request body, refused as soon as it is known to pass the limit (before reading it all)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit():
-        limits.check_body(int(declared))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        limits.check_body(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def check_model_name(name: str) -> None:

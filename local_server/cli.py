@@ -18,9 +18,11 @@ from ..remote.presets import PRESETS, Preset, PresetError, get_preset
 from .accel import Accel
 from .app import Settings, check_model_name, create_app
 from .auth import TOKEN_ENV, TokenError, load_token
+from .connections import ConnectionLimits
 from .devices import resolve_device
 from .limits import Limits
 from .registry import ModelRegistry, Tuning
+from .uploads import UploadLimits
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     limits.add_argument("--max-queue", type=int, help=argparse.SUPPRESS)
     limits.add_argument("--request-timeout", type=float, default=defaults.request_timeout, help="seconds per request (504 after)")
+    add_connection_arguments(parser)
     security = parser.add_argument_group("security")
     security.add_argument("--token-file", help=f"file holding the bearer token clients must send (default: ${TOKEN_ENV}; none: no auth)")
     security.add_argument("--cors-origin", action="append", default=[], help="allow browser requests from this origin (repeat)")
@@ -84,6 +87,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for how long and how much one connection may hold (`ConnectionLimits`, `UploadLimits`)."""
+    group, uploads, connections = parser.add_argument_group("connections"), UploadLimits(), ConnectionLimits()
+    group.add_argument(
+        "--max-connections", type=int, default=connections.max_connections,
+        help="open connections; a request on one more gets 503 + Retry-After (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--header-timeout", type=float, default=connections.header_timeout,
+        help="seconds a client has to send a request's line and headers (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--upload-timeout", type=float, default=uploads.idle_timeout,
+        help="longest pause in a request body before a 408, in seconds (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--min-upload-rate", type=int, default=uploads.min_rate,
+        help=f"bytes/s a request body must average after its first {uploads.grace:g} s (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--send-timeout", type=float, default=connections.send_timeout,
+        help="seconds a client may read nothing of its answer before the connection is dropped (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--shutdown-timeout", type=int, default=connections.shutdown_timeout,
+        help="on SIGTERM, seconds running requests get to finish; uploads in progress are refused (default %(default)s)",
+    )  # fmt: skip
+
+
+def connection_limits_from(args: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        send_timeout=args.send_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     limits = Limits(
         max_pixels=args.max_pixels,
@@ -93,7 +134,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_in_flight=max_in_flight(args),
         request_timeout=args.request_timeout,
     )
-    return Settings(limits=limits, token=load_token(args.token_file), cors_origins=tuple(args.cors_origin))
+    uploads = UploadLimits(idle_timeout=args.upload_timeout, min_rate=args.min_upload_rate)
+    return Settings(limits=limits, uploads=uploads, token=load_token(args.token_file), cors_origins=tuple(args.cors_origin))
 
 
 def max_in_flight(args: argparse.Namespace) -> int:
@@ -138,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     import uvicorn  # the server extra; imported late so --help works without it
 
+    from .http_server import uvicorn_config
+
     if args.host not in LOOPBACK and settings.token is None:
         print(
             f"remote-vae-server: WARNING: listening on {args.host} without a token: anyone who can reach this "
@@ -155,10 +199,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}")
     print(f"remote-vae-server: model list at {url}/v1/models", flush=True)
     try:
-        # On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish, then returns.
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=int(args.request_timeout)
-        )
+        # On SIGTERM/SIGINT uvicorn stops accepting, refuses uploads in progress, lets running requests
+        # finish within --shutdown-timeout, then returns.
+        config = uvicorn_config(app, connection_limits_from(args), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(config).run()
     finally:
         models.close()
 

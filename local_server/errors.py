@@ -7,6 +7,7 @@ into `ModelUnavailable`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from starlette.responses import Response
@@ -45,6 +46,13 @@ class DeadlineExceeded(ServerError, TimeoutError):
     status = 504
 
 
+class ClientClosed(ServerError, ConnectionError):
+    """The client closed the connection before the server answered: counted and logged as nginx's 499,
+    never as a server fault (nobody reads the answer)."""
+
+    status = 499
+
+
 class ModelLoadError(RuntimeError):
     """Weights could not be loaded; the message says what failed and what to do.
 
@@ -59,10 +67,21 @@ class ModelLoadError(RuntimeError):
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """Every error answer: `{"error": message}` as JSON with `status`."""
-    response = Response(protocol.error_body(message), status_code=status, media_type=protocol.JSON_TYPE)
+    body = protocol.error_body(without_addresses(message))
+    response = Response(body, status_code=status, media_type=protocol.JSON_TYPE)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+# `<_io.BytesIO object at 0x7f...>`, as Pillow and others write an object into their messages.
+HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def without_addresses(message: str) -> str:
+    """`message` without the heap addresses of objects it names: they tell a client about the server's
+    memory (and make equal errors differ), never what to fix."""
+    return HEAP_ADDRESS.sub(">", message)
 
 
 def first_line(exc: BaseException) -> str:

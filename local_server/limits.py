@@ -7,11 +7,11 @@ gets a 503 with Retry-After at once.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from .errors import ServerError, error_response
+from .errors import ServerError
 from .metrics import Metrics
 
 
@@ -57,10 +57,18 @@ class Limits:
             )
 
 
-class Admission:
-    """At most `capacity` requests in the server: past it, a 503 with Retry-After at once.
+class ServerBusy(ServerError):
+    """Every admission slot is taken: retry shortly."""
 
-    One instance serves every job route: use it as route middleware, `Middleware(admission)`.
+    status = 503
+    headers = {"retry-after": "1"}
+
+
+class Admission:
+    """At most `capacity` requests in the server's work at once: past it, a 503 with Retry-After at once.
+
+    A job route takes a slot once its body has arrived (`uploads.read_body`) and gives it back when its
+    answer is ready: neither a slow upload nor a client slow to read its answer holds one.
     """
 
     def __init__(self, capacity: int, metrics: Metrics) -> None:
@@ -68,19 +76,16 @@ class Admission:
         self.active = 0
         self._metrics = metrics
 
-    def __call__(self, app: ASGIApp) -> ASGIApp:
-        async def admitted(scope: Scope, receive: Receive, send: Send) -> None:
-            if self.active >= self.capacity:
-                self._metrics.inc("remote_vae_rejected_total", reason="queue_full")
-                message = f"the server is busy ({self.capacity} requests in progress or queued); retry shortly"
-                return await error_response(503, message, {"retry-after": "1"})(scope, receive, send)
-            self._count(+1)
-            try:
-                await app(scope, receive, send)
-            finally:
-                self._count(-1)
-
-        return admitted
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.active >= self.capacity:
+            self._metrics.inc("remote_vae_rejected_total", reason="queue_full")
+            raise ServerBusy(f"the server is busy ({self.capacity} requests in progress or queued); retry shortly")
+        self._count(+1)
+        try:
+            yield
+        finally:
+            self._count(-1)
 
     def _count(self, change: int) -> None:
         self.active += change

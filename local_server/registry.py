@@ -20,7 +20,7 @@ from .accel import Accel
 from .backends.base import Backend, BackendLoader, Placement
 from .backends.diffusers import DiffusersLoader
 from .devices import Workers, resolve_device, resolve_dtype
-from .errors import ModelLoadError, ModelUnavailable, UnknownModel
+from .errors import ModelLoadError, ModelUnavailable, UnknownModel, without_addresses
 
 log = logging.getLogger("remote_vae.server")
 
@@ -189,7 +189,7 @@ class ModelRegistry:
             hosted.state, hosted.error = state, error
 
     def _failure(self, hosted: HostedModel, source: str | None, exc: Exception) -> str:
-        message = f"model {hosted.name!r} could not be loaded from {source}: {exc}"
+        message = f"model {hosted.name!r} could not be loaded from {source}: {without_addresses(str(exc))}"  # also in /v1/models
         if self._load_hint and not (isinstance(exc, ModelLoadError) and exc.has_hint):
             spec = hosted.name if hosted.name == hosted.preset.name else f"{hosted.name}:{hosted.preset.name}"
             message += "; " + self._load_hint.format(name=hosted.name, spec=spec)

@@ -2,7 +2,8 @@
 
 Each job request gets an `Exchange` (in `request.state.exchange`) that the handler fills in as it goes;
 when the answer's last byte is about to leave, the outcome is counted and logged. A server fault that no
-handler turned into an answer becomes a short 500 here, logged whole.
+handler turned into an answer becomes a short 500 here, logged whole; a client that left before its answer
+is a 499 (outcome "client_closed"), one log line and no traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response
+from .errors import ClientClosed, error_response
 from .jobs import JobStats
 from .metrics import Metrics
 
@@ -66,6 +68,8 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_logged)
+        except ClientDisconnect:  # read by something other than uploads.read_body: the same 499
+            await error_response(ClientClosed.status, "the client closed the connection")(scope, receive, send_logged)
         except Exception as exc:  # a server fault: log it whole, answer briefly, keep serving
             log.exception("request to %s failed", scope["path"])
             message = f"internal server error: {type(exc).__name__}: {str(exc)[:300]}"
@@ -73,8 +77,7 @@ class RequestLog:
 
     def _account(self, ex: Exchange, status: int, bytes_out: int, seconds: float) -> None:
         metrics, model, op = self.metrics, ex.model, ex.op
-        outcome = "ok" if status < 400 else "client_error" if status < 500 else "server_error"
-        metrics.inc("remote_vae_requests_total", model=model, op=op, outcome=outcome, status=str(status))
+        metrics.inc("remote_vae_requests_total", model=model, op=op, outcome=outcome_of(status), status=str(status))
         metrics.observe("remote_vae_request_seconds", seconds, model=model, op=op)
         metrics.inc("remote_vae_bytes_in_total", ex.bytes_in, model=model)
         metrics.inc("remote_vae_bytes_out_total", bytes_out, model=model)
@@ -92,3 +95,10 @@ class RequestLog:
             ex.render_seconds, seconds, " tiled" if ex.stats.tiled else "",
             f" fallbacks={','.join(ex.stats.fallbacks)}" if ex.stats.fallbacks else "",
         )  # fmt: skip
+
+
+def outcome_of(status: int) -> str:
+    """The `outcome` label of a request's metrics."""
+    if status == ClientClosed.status:
+        return "client_closed"  # not a client error: the request may have been fine
+    return "ok" if status < 400 else "client_error" if status < 500 else "server_error"

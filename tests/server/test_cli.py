@@ -14,9 +14,12 @@ from remote_vae.local_server.cli import (
     base_url,
     build_parser,
     build_registry,
+    connection_limits_from,
     parse_model_spec,
     settings_from,
 )
+from remote_vae.local_server.connections import ConnectionLimits
+from remote_vae.local_server.uploads import UploadLimits
 from remote_vae.remote.presets import PRESETS, PresetError
 from remote_vae.testing import random_vae
 from support.processes import running_server
@@ -56,6 +59,19 @@ def test_max_in_flight_and_the_old_pair_of_flags_it_replaces(monkeypatch):
     assert in_flight("--max-concurrency", "1", "--max-queue", "0") == 1  # the server held their sum
     assert in_flight("--max-queue", "4") == 6 and in_flight("--max-concurrency", "4") == 20
     assert "--max-queue" not in build_parser().format_help()
+
+
+def test_connection_flags_and_their_defaults(monkeypatch):
+    monkeypatch.delenv("REMOTE_VAE_SERVER_TOKEN", raising=False)
+    parser = build_parser()
+    assert connection_limits_from(parser.parse_args([])) == ConnectionLimits()
+    assert settings_from(parser.parse_args([])).uploads == UploadLimits()
+    flags = ["--max-connections", "9", "--header-timeout", "2", "--send-timeout", "3", "--shutdown-timeout", "4"]
+    assert connection_limits_from(parser.parse_args(flags)) == ConnectionLimits(
+        max_connections=9, header_timeout=2, send_timeout=3, shutdown_timeout=4
+    )
+    uploads = settings_from(parser.parse_args(["--upload-timeout", "5", "--min-upload-rate", "6"])).uploads
+    assert uploads == UploadLimits(idle_timeout=5, min_rate=6)
 
 
 def test_bad_arguments_exit_with_a_message():

@@ -1,4 +1,5 @@
-"""Processes the tests start: our VAE server as `python -m remote_vae.local_server`, and stopping one."""
+"""Processes the tests start: our VAE server as `python -m remote_vae.local_server`, stopping one, and
+the peak memory of one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import requests
 
@@ -48,3 +50,11 @@ def stop(process: subprocess.Popen, grace: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=grace)
+
+
+def reset_peak_rss(pid: int) -> Callable[[], int]:
+    """Resets process `pid`'s peak resident memory to its current one (Linux: /proc/PID/clear_refs) and
+    returns a function that reads the peak since then, in bytes (the kernel's high-water mark, VmHWM)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = Path(f"/proc/{pid}/status")
+    return lambda: next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:"))

@@ -1,4 +1,5 @@
-"""A real uvicorn server on a free 127.0.0.1 port, and raw protocol requests against it."""
+"""A real uvicorn server on a free 127.0.0.1 port (configured as the CLI configures it), and raw protocol
+requests against it."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ import requests
 import torch
 import uvicorn
 
-from remote_vae.local_server.app import create_app
+from remote_vae.local_server.app import Settings, create_app
+from remote_vae.local_server.connections import ConnectionLimits
+from remote_vae.local_server.http_server import uvicorn_config
 from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
 
 
 @contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run `app` under uvicorn in a background thread; yields its base URL (no trailing slash)."""
+def serve(app, limits: ConnectionLimits | None = None) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread, with the CLI's connection limits (`limits`, else
+    the defaults); yields its base URL (no trailing slash)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -41,13 +45,18 @@ def serve(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def hosting(models: dict[str, tuple[str, torch.nn.Module]], **host_options) -> Iterator[tuple[str, ModelRegistry]]:
+def hosting(
+    models: dict[str, tuple[str, torch.nn.Module]],
+    settings: Settings | None = None,
+    limits: ConnectionLimits | None = None,
+    **host_options,
+) -> Iterator[tuple[str, ModelRegistry]]:
     """A ModelRegistry with `models` ({name: (preset, module)}) served on a free port."""
     host = ModelRegistry(**host_options)
     for name, (preset, model) in models.items():
         host.add(name, PRESETS[preset], model=model, device="cpu", dtype="float32")
     try:
-        with serve(create_app(host)) as url:
+        with serve(create_app(host, settings), limits) as url:
             yield url, host
     finally:
         host.close()
