@@ -11,7 +11,7 @@ import requests
 import torch
 import uvicorn
 
-from remote_vae.local_server.app import create_app
+from remote_vae.local_server.app import Settings, create_app
 from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
@@ -41,13 +41,15 @@ def serve(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def hosting(models: dict[str, tuple[str, torch.nn.Module]], **host_options) -> Iterator[tuple[str, ModelRegistry]]:
-    """A ModelRegistry with `models` ({name: (preset, module)}) served on a free port."""
+def hosting(
+    models: dict[str, tuple[str, torch.nn.Module]], settings: Settings | None = None, **host_options
+) -> Iterator[tuple[str, ModelRegistry]]:
+    """A ModelRegistry with `models` ({name: (preset, module)}) served on a free port with `settings`."""
     host = ModelRegistry(**host_options)
     for name, (preset, model) in models.items():
         host.add(name, PRESETS[preset], model=model, device="cpu", dtype="float32")
     try:
-        with serve(create_app(host)) as url:
+        with serve(create_app(host, settings)) as url:
             yield url, host
     finally:
         host.close()
