@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..remote import protocol
 from ..remote.presets import Preset
@@ -31,6 +31,8 @@ FULL_CHROMA_FROM_QUALITY = 90
 
 # libx264 refuses frames wider or taller than this (avcodec_open2 fails; its level limits only warn).
 MAX_MP4_SIDE = 16384
+# Integer greyscale (16-bit PNGs open as I;16) holds 0..65535: scaled to 8 bits by 1/257 (65535 -> 255).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 TENSOR, UINT8, UNIT, IMAGE, MP4 = "tensor", "uint8", "unit", "image", "mp4"
 
@@ -221,7 +223,7 @@ def _read_image(data: bytes, preset: Preset, check: PixelCheck) -> torch.Tensor:
         raise ProtocolError(f"encode body could not be read as an image: {exc}") from None
     with image:
         declared = torch.empty((1, 3, image.height, image.width), device="meta")
-        check(_crop(_as_frames(declared, preset), preset).shape)
+        check(_crop(_as_frames(declared, preset), preset).shape)  # EXIF rotation keeps the pixel counts
         try:
             pixels = as_rgb(image)  # decodes
         except (OSError, ValueError) as exc:
@@ -235,7 +237,21 @@ def _as_frames(x: torch.Tensor, preset: Preset) -> torch.Tensor:
 
 
 def as_rgb(image: Image.Image) -> np.ndarray:
-    """An image as H x W x 3 uint8 pixels (alpha dropped; palette and grey images become RGB)."""
+    """What an image shows, as H x W x 3 uint8 pixels.
+
+    The EXIF orientation is applied; 16- and 32-bit integer greyscale is scaled to 8 bits (x/257);
+    alpha is dropped, keeping the colour under it, as ComfyUI's LoadImage does; bilevel, palette,
+    CMYK and YCbCr images are converted by Pillow. Float images (mode F) have no agreed range: refused.
+    """
+    if image.mode == "F":
+        raise ProtocolError(
+            "encode image has mode F (32-bit float pixels), whose brightness range is not defined; "
+            "send an 8- or 16-bit PNG, a JPEG or a WebP"
+        )
+    image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image).astype(np.float32) / 257), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
     return np.array(image.convert("RGB"))
 
 
