@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -164,7 +165,7 @@ class JobEndpoints:
         self._before_body[op](hosted, request)  # every limit the query decides, before the body is read
         body = await read_body(request, self.limits)
         ex.bytes_in = len(body)
-        return await self._answers[op](hosted, request, body, ex)
+        return await until_client_leaves(request, self._answers[op](hosted, request, body, ex))
 
     # ---------------------------------------------------------------- decode
 
@@ -255,6 +256,27 @@ def check_declared_length(request: Request, declared: torch.Tensor) -> None:
     length = request.headers.get("content-length", "")
     if length.isdigit():
         protocol.check_body_length(int(length), list(declared.shape), declared.dtype)
+
+
+async def until_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`, cancelled if the client closes the connection first: a job still waiting for its device
+    is then dropped and never runs (as when the deadline cancels it)."""
+    answer = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            return answer.result()
+        raise ClientDisconnect("the client closed the connection before its answer was ready")
+    finally:
+        left.cancel()
+        answer.cancel()  # no effect once it is done
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body, the only message left to receive is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:

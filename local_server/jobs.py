@@ -126,6 +126,8 @@ class JobRunner:
         """`x` (a validated latent, or pixels in [-1,1]) through `job`; the result is on the CPU.
 
         Same-shape requests that arrive together are batched when batching is on (never tiled ones).
+        Cancelling the call (the deadline passed, the client left) drops a job that has not reached the
+        device yet: its worker never runs it (the batcher drops a batch all of whose requests left).
         """
         if job.op.batch_cost is not None and self._batching(job.model) and job.options.mode != "on":
             key = (tuple(x.shape[1:]), x.dtype, astuple(job.scaling), job.out_dtype, job.options)
