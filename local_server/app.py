@@ -32,7 +32,7 @@ from . import memory, postprocess
 from .auth import RequireToken
 from .errors import DeadlineExceeded, ServerError, error_response
 from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner
-from .latents import prepare_latent
+from .latents import Factors, check_scaling, prepare_latent, preset_factors
 from .limits import Admission, Limits
 from .metrics import Metrics, server_metrics
 from .postprocess import OutputSpec, PixelCheck
@@ -180,6 +180,7 @@ class JobEndpoints:
         req = await on_cpu(protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body)
         ex.shape = list(req.tensor.shape)
         latent, spec = self._checked_decode(hosted, req)
+        await on_cpu(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
         job = Job(DECODE, hosted, req.scaling, spec.device_dtype, JobOptions.from_extensions(req.extensions))
         pixels, ex.stats = await self.jobs.run(job, latent)
         started = time.perf_counter()
@@ -205,6 +206,9 @@ class JobEndpoints:
         need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
         self.limits.check_memory(need, hosted.device)
         return latent, spec
+
+    def _factors(self, hosted: HostedModel) -> Factors:
+        return hosted.backend.factors() if hosted.backend is not None else preset_factors(hosted.preset)
 
     # ---------------------------------------------------------------- encode
 

@@ -1,6 +1,7 @@
 """Every limit is checked from what is known first, before the work it would cost: the query's shape and
 dtype before the body is read, an image's declared size before its pixels are decoded, the memory a
-request needs at its peak, the sizes the mp4 encoder takes."""
+request needs at its peak, the sizes the mp4 encoder takes; and factors that would make the latents
+non-finite are a 400, not an answer full of NaN."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from PIL import Image
 
 from remote_vae.local_server import postprocess
 from remote_vae.local_server.app import Settings
+from remote_vae.local_server.latents import check_scaling, preset_factors
 from remote_vae.local_server.limits import LimitExceeded, Limits
 from remote_vae.local_server.memory import decode_footprint, encode_footprint, host_total_bytes
 from remote_vae.remote import protocol
 from remote_vae.remote.presets import PRESETS
+from remote_vae.remote.protocol import ProtocolError, Scaling
 from remote_vae.testing import random_vae
 from support.hooked import Wrapped
 from support.serving import error_of, hosting, post_decode, post_encode, tensor_of
@@ -245,3 +248,41 @@ def test_the_mp4_limit_is_libx264s_own():
     assert postprocess.encode_mp4(torch.zeros(1, 2, postprocess.MAX_MP4_SIDE, 3, dtype=torch.uint8).numpy(), 24)
     with pytest.raises(av.error.ExternalError):
         postprocess.encode_mp4(torch.zeros(1, 2, postprocess.MAX_MP4_SIDE + 2, 3, dtype=torch.uint8).numpy(), 24)
+
+
+# --------------------------------------------------------------------------- 10: factors that make NaN
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"scaling_factor": 1e-320}, "scaling_factor=1e-320 makes the latents infinite or NaN in float32"),
+        ({"scaling_factor": 1e-40}, "scaling_factor=1e-40 makes"),
+        ({"scaling_factor": 0.18215, "shift_factor": 1e39}, "scaling_factor=0.18215 and shift_factor=1e+39 makes"),
+    ],
+)
+def test_decode_factors_that_make_the_latents_non_finite_are_a_400(limited, models, options, named):
+    with limited() as (url, _host):
+        message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", **options), 400)
+        assert named in message and "send do_scaling=True or scaling_factor=0.18215" in message
+        assert models["sd15"][1].batches == []
+        assert tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", scaling_factor=1e-3)).isfinite().all()
+
+
+def test_encode_factors_that_make_the_latents_non_finite_are_a_400(limited):
+    with limited() as (url, _host):
+        pixels = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+        message = error_of(post_encode(url + "/sd15/encode", pixels, scaling_factor=1e39), 400)
+        assert "scaling_factor=1e+39 makes the latents infinite or NaN in float32 (x = (z - shift_factor) * scaling_factor)" in message
+        assert tensor_of(post_encode(url + "/sd15/encode", pixels, scaling_factor=1e-320)).eq(0).all()  # finite: z * 0
+
+
+def test_the_scaling_check_is_exact_from_each_channels_extremes():
+    sd15, factors = PRESETS["sd15"], preset_factors(PRESETS["sd15"])
+    latent = torch.zeros(2, 4, 3, 3)
+    latent[1, 2, 0, 1] = 1e38
+    check_scaling(latent, Scaling(scaling_factor=0.5), factors, sd15)  # 2e38: still a float32
+    latent[0, 3, 2, 2] = -2e38
+    with pytest.raises(ProtocolError, match="scaling_factor=0.5 makes the latents infinite"):
+        check_scaling(latent, Scaling(scaling_factor=0.5), factors, sd15)  # -4e38
+    check_scaling(latent, Scaling(), factors, sd15)  # nothing sent: the latent is used as it is
