@@ -13,27 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..remote import protocol
 from ..remote.presets import PresetError, candidates_for
 from ..remote.protocol import Operation, ProtocolError
-from . import postprocess
+from . import memory, postprocess
 from .auth import RequireToken, is_authorized
 from .errors import DeadlineExceeded, ServerError, error_response
 from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner
-from .latents import prepare_latent
+from .latents import Factors, check_scaling, prepare_latent, preset_factors
 from .limits import Admission, Limits
 from .metrics import Metrics, server_metrics
+from .postprocess import OutputSpec, PixelCheck
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
 from .uploads import UploadLimits, read_body
@@ -148,6 +151,7 @@ class JobEndpoints:
         self.uploads = settings.uploads
         self.admission = Admission(settings.limits.max_in_flight, settings.metrics)
         self.jobs = JobRunner(models)
+        self._before_body = {"decode": self._check_decode_query, "encode": self._check_encode_query}
         self._answers = {"decode": self._decode, "encode": self._encode}
 
     async def predict(self, request: Request) -> Response:
@@ -173,16 +177,38 @@ class JobEndpoints:
         hosted = self.models.get(request.path_params.get("model") or self.models.default_name)
         op = op or protocol.operation_for(request.headers.get("content-type"))
         ex.model, ex.op = hosted.name, op
+        self._before_body[op](hosted, request)  # every limit the query decides, before the body is read
         body = await read_body(request, self.limits, self.uploads)  # before a slot: a slow upload holds none
         ex.bytes_in = len(body)
         with self.admission.slot():
-            return await self._answers[op](hosted, request, body, ex)
+            return await until_client_leaves(request, self._answers[op](hosted, request, body, ex))
+
+    # ---------------------------------------------------------------- decode
+
+    def _check_decode_query(self, hosted: HostedModel, request: Request) -> None:
+        req = protocol.parse_decode_request(request.query_params.multi_items(), request.headers, None)
+        self._checked_decode(hosted, req)
+        check_declared_length(request, req.tensor)
 
     async def _decode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         # Parsing copies the body and scans it for NaN: CPU work for the pool, not the event loop.
         on_cpu = self.models.workers.on_cpu
         req = await on_cpu(protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body)
         ex.shape = list(req.tensor.shape)
+        latent, spec = self._checked_decode(hosted, req)
+        await on_cpu(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
+        job = Job(DECODE, hosted, req.scaling, spec.device_dtype, JobOptions.from_extensions(req.extensions))
+        pixels, ex.stats = await self.jobs.run(job, latent)
+        started = time.perf_counter()
+        content, headers = await on_cpu(postprocess.render_decode, pixels, spec)
+        ex.render_seconds = time.perf_counter() - started
+        return Response(content, headers=headers)
+
+    def _checked_decode(self, hosted: HostedModel, req: protocol.DecodeRequest) -> tuple[torch.Tensor, OutputSpec]:
+        """The latent unpacked and checked against the model, the limits and the answer's format: first
+        on the declared meta tensor (before the body is read), then on the real one."""
+        body = nbytes(req.tensor)
+        self.limits.check_body(body)
         try:
             latent = prepare_latent(hosted.preset, req.tensor, req.height, req.width)
         except PresetError as exc:
@@ -193,24 +219,42 @@ class JobEndpoints:
         self.limits.check_output(latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial)
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
-        job = Job(DECODE, hosted, req.scaling, spec.device_dtype, JobOptions.from_extensions(req.extensions))
-        pixels, ex.stats = await self.jobs.run(job, latent)
-        started = time.perf_counter()
-        content, headers = await on_cpu(postprocess.render_decode, pixels, spec)
-        ex.render_seconds = time.perf_counter() - started
-        return Response(content, headers=headers)
+        need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
+        self.limits.check_memory(need, hosted.device)
+        return latent, spec
+
+    def _factors(self, hosted: HostedModel) -> Factors:
+        return hosted.backend.factors() if hosted.backend is not None else preset_factors(hosted.preset)
+
+    # ---------------------------------------------------------------- encode
+
+    def _check_encode_query(self, hosted: HostedModel, request: Request) -> None:
+        req = protocol.parse_encode_request(request.query_params.multi_items(), request.headers, None)
+        if req.tensor is not None:  # an image file's size is known from its header, once it is read
+            self.limits.check_body(nbytes(req.tensor))
+            postprocess.encoder_input(req, hosted.preset, self._pixel_check(hosted, nbytes(req.tensor)))
+            check_declared_length(request, req.tensor)
 
     async def _encode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         on_cpu = self.models.workers.on_cpu
         req = await on_cpu(protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body)
         out_dtype = req.extensions.torch_output_dtype(protocol.DTYPES["float32"])
-        pixels = await on_cpu(postprocess.encoder_input, req, hosted.preset)
+        pixels = await on_cpu(postprocess.encoder_input, req, hosted.preset, self._pixel_check(hosted, len(body)))
         ex.shape = list(pixels.shape)
-        self.limits.check_output(pixels.shape[0], pixels.shape[2] if pixels.ndim == 5 else 1, pixels.shape[-2], pixels.shape[-1])
         job = Job(ENCODE, hosted, req.scaling, out_dtype, JobOptions.from_extensions(req.extensions))
         latents, ex.stats = await self.jobs.run(job, pixels)
         content, headers = protocol.tensor_response(latents)  # tensor/binary even for Accept: */*
         return Response(content, headers=headers)
+
+    def _pixel_check(self, hosted: HostedModel, body: int) -> PixelCheck:
+        """The limits of an encode's pixels ([B,3,H,W] or [B,3,F,H,W]), checked before they are made."""
+
+        def check(shape: torch.Size) -> None:
+            self.limits.check_output(shape[0], shape[2] if len(shape) == 5 else 1, shape[-2], shape[-1])
+            need = memory.encode_footprint(hosted.preset, tuple(shape), hosted.dtype, hosted.device, body)
+            self.limits.check_memory(need, hosted.device)
+
+        return check
 
     def _for_model(self, hosted: HostedModel, exc: PresetError, shape: tuple[int, ...]) -> str:
         """The preset's complaint, said of this model, with the hosted models the latent would fit."""
@@ -221,6 +265,38 @@ class JobEndpoints:
         if fits:
             message += "; hosted models that fit: " + ", ".join(f"/{name}" for name in fits)
         return message
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.nelement() * tensor.element_size()
+
+
+def check_declared_length(request: Request, declared: torch.Tensor) -> None:
+    """A Content-Length that cannot match the declared tensor is refused before the body is read."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit():
+        protocol.check_body_length(int(length), list(declared.shape), declared.dtype)
+
+
+async def until_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`, cancelled if the client closes the connection first: a job still waiting for its device
+    is then dropped and never runs (as when the deadline cancels it)."""
+    answer = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            return answer.result()
+        raise ClientDisconnect("the client closed the connection before its answer was ready")
+    finally:
+        left.cancel()
+        answer.cancel()  # no effect once it is done
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body, the only message left to receive is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_model_name(name: str) -> None:

@@ -3,7 +3,8 @@
 The key holds everything that must match (model, operation, shape after the batch dimension, dtype
 and options). A batch closes when the window ends, or earlier when one more request would pass the
 element budget (kept below 2^31 elements, the limit of many GPU kernels). Results are split back along
-the batch dimension, in order.
+the batch dimension, in order. Requests that leave (cancelled waiters) are dropped when their batch
+forms, and a batch all of whose requests left is cancelled before it reaches the device.
 """
 
 from __future__ import annotations
@@ -81,19 +82,26 @@ class Batcher:
         asyncio.get_running_loop().create_task(self._execute(key, pending))
 
     async def _execute(self, key: Hashable, pending: _Pending) -> None:
-        sizes = [t.shape[0] for t in pending.tensors]
+        # Requests that left while the batch formed (deadline passed, client gone) are dropped from it.
+        live = [(t, f) for t, f in zip(pending.tensors, pending.futures) if not f.done()]
+        if not live:
+            return
+        tensors, futures = [t for t, _ in live], [f for _, f in live]
+        sizes = [t.shape[0] for t in tensors]
         try:
-            batch = pending.tensors[0] if len(sizes) == 1 else torch.cat(pending.tensors)
-            out, shared = await self._run(key, batch)
+            run = asyncio.ensure_future(self._run(key, tensors[0] if len(sizes) == 1 else torch.cat(tensors)))
+            for future in futures:  # once every request has left, the batch never reaches the device
+                future.add_done_callback(lambda _: run.cancel() if all(f.done() for f in futures) else None)
+            out, shared = await run
             if out.shape[0] != sum(sizes):
                 raise RuntimeError(f"batched run returned {out.shape[0]} items for {sum(sizes)} inputs")
             parts = torch.split(out, sizes) if len(sizes) > 1 else (out,)
         except BaseException as exc:  # every waiter learns of the failure
-            for future in pending.futures:
+            for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for future, part in zip(pending.futures, parts):
+        for future, part in zip(futures, parts):
             if not future.done():
                 future.set_result((part, shared))
 

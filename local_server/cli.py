@@ -21,6 +21,7 @@ from .auth import TOKEN_ENV, TokenError, load_token
 from .connections import ConnectionLimits
 from .devices import resolve_device
 from .limits import Limits
+from .postprocess import limit_pillow
 from .registry import ModelRegistry, Tuning
 from .uploads import UploadLimits
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-frames", type=int, default=defaults.max_frames, help="frames per video (default %(default)s)")
     limits.add_argument("--max-batch-pixels", type=int, default=defaults.max_batch_pixels, help="pixels of all images in one request")
     limits.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes, help="request body size (default 512 MiB)")
+    limits.add_argument(
+        "--max-request-memory", type=int, default=defaults.max_request_memory,
+        help="bytes of host memory one request may need at its peak (default: an eighth of this machine's, %(default)s)",
+    )  # fmt: skip
     limits.add_argument(
         "--max-in-flight", type=int, default=defaults.max_in_flight,
         help="requests in the server at once, running or waiting; beyond it: 503 + Retry-After (default %(default)s)",
@@ -131,6 +136,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_frames=args.max_frames,
         max_batch_pixels=args.max_batch_pixels,
         max_request_bytes=args.max_request_bytes,
+        max_request_memory=args.max_request_memory,
         max_in_flight=max_in_flight(args),
         request_timeout=args.request_timeout,
     )
@@ -190,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
     app = create_app(models, settings)
+    limit_pillow(settings.limits.max_pixels)  # process-wide, so here and not in create_app
     if args.preload:
         models.preload()
     url = base_url(args.host, args.port)

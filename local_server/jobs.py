@@ -23,7 +23,7 @@ from . import memory
 from .backends.base import Backend, Geometry, Shape
 from .batcher import Batcher, decode_activation_elements
 from .errors import OutOfMemory
-from .latents import Factors, as_is, from_vae_space, to_vae_space
+from .latents import Factors, as_is, to_diffusion_space, to_vae_space
 from .registry import HostedModel, ModelRegistry
 from .tiling import run_tiled
 
@@ -72,7 +72,7 @@ ENCODE = Op(
     run_tiled=lambda backend, x, tile: backend.encode_tiled(x, tile),
     estimate=lambda backend, shape, dtype: backend.encode_bytes(shape, dtype),
     into_model=as_is,
-    out_of_model=from_vae_space,
+    out_of_model=to_diffusion_space,
     input_per_latent=_pixels,
     output_per_latent=_latent,
     batch_cost=None,
@@ -126,6 +126,8 @@ class JobRunner:
         """`x` (a validated latent, or pixels in [-1,1]) through `job`; the result is on the CPU.
 
         Same-shape requests that arrive together are batched when batching is on (never tiled ones).
+        Cancelling the call (the deadline passed, the client left) drops a job that has not reached the
+        device yet: its worker never runs it (the batcher drops a batch all of whose requests left).
         """
         if job.op.batch_cost is not None and self._batching(job.model) and job.options.mode != "on":
             key = (tuple(x.shape[1:]), x.dtype, astuple(job.scaling), job.out_dtype, job.options)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..remote.presets import Preset, PresetError, check_latent
-from ..remote.protocol import Scaling
+from ..remote.protocol import ProtocolError, Scaling
 
 
 class Factors(NamedTuple):
@@ -76,6 +76,40 @@ def from_vae_space(z: torch.Tensor, scaling: Scaling, factors: Factors, preset: 
     if scaling.scaling_factor is not None:
         z = z * scaling.scaling_factor
     return z
+
+
+def preset_factors(preset: Preset) -> Factors:
+    """The preset's factors: the model's own until it is loaded (its config may differ slightly)."""
+    return Factors(preset.scaling_factor, preset.shift_factor)
+
+
+def check_scaling(latent: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> None:
+    """Refuse factors that would make a (finite) latent non-finite in `to_vae_space` (1e-320 -> inf).
+
+    Scaling is monotone per channel, so each channel's extremes decide it exactly: two values per
+    channel are scaled instead of the whole latent.
+    """
+    if scaling.is_identity:
+        return
+    others = [dim for dim in range(latent.ndim) if dim != 1]
+    extremes = torch.cat([latent.amin(others, keepdim=True), latent.amax(others, keepdim=True)])
+    if not bool(torch.isfinite(to_vae_space(extremes, scaling, factors, preset)).all()):
+        raise ProtocolError(_not_finite(scaling, "z = x / scaling_factor + shift_factor", preset))
+
+
+def to_diffusion_space(z: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:
+    """`from_vae_space`, refusing factors that turn the encoder's finite latents non-finite."""
+    x = from_vae_space(z, scaling, factors, preset)
+    if not scaling.is_identity and not bool(torch.isfinite(x).all()) and bool(torch.isfinite(z).all()):
+        raise ProtocolError(_not_finite(scaling, "x = (z - shift_factor) * scaling_factor", preset))
+    return x
+
+
+def _not_finite(scaling: Scaling, formula: str, preset: Preset) -> str:
+    sent = (("scaling_factor", scaling.scaling_factor), ("shift_factor", scaling.shift_factor))
+    named = " and ".join(f"{name}={value!r}" for name, value in sent if value is not None) or "do_scaling=True"
+    own = "" if preset.uses_mean_std else f" or scaling_factor={preset.scaling_factor}"
+    return f"{named} makes the latents infinite or NaN in float32 ({formula}); send do_scaling=True{own}"
 
 
 def as_is(x: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:

@@ -1,17 +1,22 @@
 """Request limits: the biggest images, videos and bodies a server accepts, and how many requests it holds.
 
 Hugging Face's endpoints cap images at 2048^2; our defaults let a 24 GB GPU serve 4096^2 images
-(tiled) and long videos. A request over a limit gets a 413 naming the limit; one past `max_in_flight`
-gets a 503 with Retry-After at once.
+(tiled) and long videos, within a memory budget per request. Every limit is checked from what is known
+first (the query's shape before the body, an image's header before its pixels). A request over a limit
+gets a 413 naming the limit; one past `max_in_flight` gets a 503 with Retry-After at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+
+from . import memory
 from .errors import ServerError
+from .memory import Footprint
 from .metrics import Metrics
 
 
@@ -33,6 +38,9 @@ class Limits:
     # job at a time anyway); more are refused with 503 + Retry-After.
     max_in_flight: int = 18
     request_timeout: float = 600.0  # seconds a request may take end to end
+    # Peak host memory one request may need (memory.Footprint): an eighth of this machine's memory, so
+    # the few requests converting answers at once (device workers, CPU pool) stay well within it.
+    max_request_memory: int = field(default_factory=lambda: memory.host_total_bytes() // 8)
 
     def check_body(self, length: int) -> None:
         if length > self.max_request_bytes:
@@ -50,11 +58,33 @@ class Limits:
             )
         if frames > self.max_frames:
             raise LimitExceeded(f"{frames} frames exceed the server's limit of {self.max_frames} frames (--max-frames)")
-        if batch * height * width > self.max_batch_pixels:
+        if batch * frames * height * width > self.max_batch_pixels:  # a video's frames count like images
+            what, fewer = f"{batch} x {width}x{height}", "images"
+            if frames > 1:
+                what, fewer = f"{batch} x {frames} frames of {width}x{height}", "images or frames"
             raise LimitExceeded(
-                f"a batch of {batch} x {width}x{height} exceeds the server's limit of {self.max_batch_pixels} "
-                "pixels per request; send fewer images per request"
+                f"a batch of {what} exceeds the server's limit of {self.max_batch_pixels} "
+                f"pixels per request; send fewer {fewer} per request"
             )
+
+    def check_memory(self, need: Footprint, device: torch.device) -> None:
+        """Refuse a request whose estimated peak memory (`memory.Footprint`) passes a budget."""
+        if need.host > self.max_request_memory:
+            raise LimitExceeded(
+                f"this request needs about {_gib(need.host)} of host memory at its peak ({need.what}), over the "
+                f"server's limit of {_gib(self.max_request_memory)} per request (--max-request-memory); "
+                "send fewer or smaller images or frames per request"
+            )
+        budget = memory.device_budget(device)
+        if budget is not None and need.device > budget:
+            raise LimitExceeded(
+                f"this request needs about {_gib(need.device)} of {device} memory ({need.what}), over the "
+                f"{_gib(budget)} one request may use there; send fewer or smaller images or frames per request"
+            )
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
 
 
 class ServerBusy(ServerError):

@@ -1,4 +1,5 @@
-"""Deciding, before running, whether a job runs whole, split by batch, or tiled.
+"""Memory: what one request needs at its peak (checked against the server's budgets before any work),
+and deciding, before running, whether a job runs whole, split by batch, or tiled.
 
 Estimates come from the preset (ComfyUI's formulas); the budget from the device's free memory. When
 a plan still runs out of memory, `smaller_plans` yields the next ones to try.
@@ -6,8 +7,10 @@ a plan still runs out of memory, `smaller_plans` yields the next ones to try.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,78 @@ from ..remote.protocol import MIN_TILE_SIZE
 
 MIN_TILE = MIN_TILE_SIZE  # latent pixels (the smallest tile the wire accepts)
 DEFAULT_TILE = 64  # latent pixels (512 image pixels for 8x models)
+# Peak host bytes of the conversions around a job per value of its pixel tensor (decode: the answer,
+# [B*F,3,H,W]; encode: the input), measured at 2048x2048: 12.3 for uint8, PNG, JPEG and [0,1] answers,
+# 8.1 for float32 tensor answers; 9 to 13 for encode inputs (float or uint8 tensors, PNG files).
+HOST_BYTES_PER_VALUE = 13
+DEVICE_SHARE = 0.9  # of a CUDA device's memory that one request may need
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Estimated peak bytes of one request, checked before any work (`Limits.check_memory`).
+
+    host: the body and its parsed copy, the conversions of the pixel tensor, and on a CPU device the
+    activations too; device: the pixel tensor in the model's dtype and in the answer's, plus the
+    activations of the smallest plan the runner can fall back to. `what` names the pixel tensor.
+    """
+
+    host: int
+    device: int
+    what: str
+
+
+def decode_footprint(preset: Preset, latent: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int) -> Footprint:
+    """A decode of `latent` ([B,C,h,w] or [B,C,T,h,w], unpacked) by a model in `dtype` on `device`."""
+    height, width = latent[-2:]
+    frames = preset.frames_for(latent[2]) if len(latent) == 5 else 1
+    s = preset.spatial_compression
+    values = latent[0] * 3 * frames * height * s * width * s
+    least = _least_activations(decode_bytes(preset, latent, dtype), MIN_TILE, (height, width))
+    return _footprint(body, values, dtype, least, device, f"an answer of {values} pixel values and its conversions")
+
+
+def encode_footprint(preset: Preset, pixels: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int) -> Footprint:
+    """An encode of `pixels` ([B,3,H,W] or [B,3,F,H,W], cropped) by a model in `dtype` on `device`."""
+    values = 1
+    for size in pixels:
+        values *= size
+    least = _least_activations(encode_bytes(preset, pixels, dtype), MIN_TILE * preset.spatial_compression, pixels[-2:])
+    return _footprint(body, values, dtype, least, device, f"{values} input pixel values and their conversions")
+
+
+def _least_activations(per_item: int, side: int, spatial: tuple[int, ...]) -> int:
+    """Activations of the smallest plan: one item, tiled at `side` pixels per side (tiles are spatial)."""
+    height, width = spatial
+    return int(per_item * min(1.0, side * side / (height * width)))
+
+
+def _footprint(body: int, values: int, dtype: torch.dtype, activations: int, device: torch.device, what: str) -> Footprint:
+    on_device = values * (element_size(dtype) + 4) + activations  # in the model's dtype, then the answer's
+    host = 2 * body + values * HOST_BYTES_PER_VALUE + (activations if device.type == "cpu" else 0)
+    return Footprint(host, on_device, what)
+
+
+def host_total_bytes() -> int:
+    """This machine's memory, or the container's when a cgroup limits it."""
+    try:
+        import psutil
+
+        total = int(psutil.virtual_memory().total)
+    except ImportError:  # pragma: no cover - psutil ships with the server extra's dependencies
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def device_budget(device: torch.device) -> int | None:
+    """Bytes of a CUDA device one request may need (None for the CPU: the host's budget covers it)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory * DEVICE_SHARE)
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,19 @@ reference vectors exactly). All functions here are CPU work for the server's con
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..remote import protocol
 from ..remote.presets import Preset
 from ..remote.protocol import DecodeRequest, EncodeRequest, ProtocolError
+from .errors import first_line
+from .limits import LimitExceeded
 
 PNG_COMPRESS_LEVEL = 1  # level 6 (Pillow's default) costs ~5x the time for ~15% smaller files
 DEFAULT_JPEG_QUALITY = 95
@@ -25,7 +29,22 @@ DEFAULT_JPEG_QUALITY = 95
 # smears (~24 dB instead of ~36 dB PSNR at q95 on our test images) for ~1.5x the encode time.
 FULL_CHROMA_FROM_QUALITY = 90
 
+# libx264 refuses frames wider or taller than this (avcodec_open2 fails; its level limits only warn).
+MAX_MP4_SIDE = 16384
+# Integer greyscale (16-bit PNGs open as I;16) holds 0..65535: scaled to 8 bits by 1/257 (65535 -> 255).
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 TENSOR, UINT8, UNIT, IMAGE, MP4 = "tensor", "uint8", "unit", "image", "mp4"
+
+# Sees the shape of the pixels an encode will make ([B,3,H,W] or [B,3,F,H,W], cropped) before they are made.
+PixelCheck = Callable[[torch.Size], None]
+
+
+def limit_pillow(max_pixels: int) -> None:
+    """Pillow's own decompression-bomb limit from ours (--max-pixels), at server start-up: it is
+    process-wide. A backstop: `encoder_input` checks every image's declared size before decoding it."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check answers those with a 413
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,12 @@ def check_output_fits(spec: OutputSpec, preset: Preset, latent: torch.Tensor, mo
         raise ProtocolError(f"output_type=mp4 needs a video model; {model_name} decodes images: use pil or pt")
     if spec.kind == MP4 and batch > 1:
         raise ProtocolError(f"output_type=mp4 returns one video but the latent holds {batch}; send one video per request")
+    height, width = (side * preset.spatial_compression for side in latent.shape[-2:])
+    if spec.kind == MP4 and max(height + height % 2, width + width % 2) > MAX_MP4_SIDE:  # odd sides are padded
+        raise LimitExceeded(
+            f"output_type=mp4 of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
+            f"{MAX_MP4_SIDE} pixels per side; decode a smaller video, or use output_type=pt"
+        )
 
 
 # --------------------------------------------------------------------------- decode outputs
@@ -160,17 +185,18 @@ def render_decode(x: torch.Tensor, spec: OutputSpec) -> tuple[bytes, dict[str, s
 # --------------------------------------------------------------------------- encode inputs
 
 
-def encoder_input(req: EncodeRequest, preset: Preset) -> torch.Tensor:
+def encoder_input(req: EncodeRequest, preset: Preset, check: PixelCheck | None = None) -> torch.Tensor:
     """An encode request's image or tensor -> float32 pixels in [-1,1] the model can take.
 
     Layouts: float tensors NCHW in [-1,1] ([B,3,F,H,W] for video models, where 4-D means single
     frames); uint8 tensors NHWC pixels 0..255 (a 4th channel, alpha, is dropped; for video models a
     4-D uint8 tensor is the frames of one video). H and W are centre-cropped to a multiple of the
     spatial compression like ComfyUI; video frames are cut to 1 + a multiple of the temporal one.
+    `check` sees the final shape: for an image file from its header, before a pixel is decoded.
     """
+    check = check or (lambda shape: None)
     if req.image_bytes is not None:
-        x = _nchw_from_uint8(_read_image(req.image_bytes)[None])
-        x = x.unsqueeze(2) if preset.is_video else x
+        x = _read_image(req.image_bytes, preset, check)
     else:
         assert req.tensor is not None
         x = _float_pixels(req.tensor, preset)
@@ -179,16 +205,54 @@ def encoder_input(req: EncodeRequest, preset: Preset) -> torch.Tensor:
             f"encode input of shape {list(req.tensor.shape) if req.tensor is not None else list(x.shape)} "
             f"has {x.shape[1]} colour channels; send RGB: float [B,3,H,W] in [-1,1] or uint8 [B,H,W,3]"
         )
-    return _crop(x, preset)
+    x = _crop(x, preset)
+    check(x.shape)
+    return x
 
 
-def _read_image(data: bytes) -> torch.Tensor:
+def _read_image(data: bytes, preset: Preset, check: PixelCheck) -> torch.Tensor:
+    """An image file -> [1,3,H,W] ([1,3,1,H,W] for video models) in [-1,1], checked from its header first."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")  # drops alpha; palette and grey images become RGB
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise LimitExceeded(
+            f"encode image is far over the server's limit of {Image.MAX_IMAGE_PIXELS} pixels per image "
+            f"(--max-pixels): Pillow refused its header ({first_line(exc)})"
+        ) from None
+    except (OSError, ValueError) as exc:
         raise ProtocolError(f"encode body could not be read as an image: {exc}") from None
-    return torch.from_numpy(np.asarray(rgb).copy())
+    with image:
+        declared = torch.empty((1, 3, image.height, image.width), device="meta")
+        check(_crop(_as_frames(declared, preset), preset).shape)  # EXIF rotation keeps the pixel counts
+        try:
+            pixels = as_rgb(image)  # decodes
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"encode body could not be read as an image: {exc}") from None
+    return _as_frames(_nchw_from_uint8(torch.from_numpy(pixels)[None]), preset)
+
+
+def _as_frames(x: torch.Tensor, preset: Preset) -> torch.Tensor:
+    """An image for a video model is a one-frame video."""
+    return x.unsqueeze(2) if preset.is_video else x
+
+
+def as_rgb(image: Image.Image) -> np.ndarray:
+    """What an image shows, as H x W x 3 uint8 pixels.
+
+    The EXIF orientation is applied; 16- and 32-bit integer greyscale is scaled to 8 bits (x/257);
+    alpha is dropped, keeping the colour under it, as ComfyUI's LoadImage does; bilevel, palette,
+    CMYK and YCbCr images are converted by Pillow. Float images (mode F) have no agreed range: refused.
+    """
+    if image.mode == "F":
+        raise ProtocolError(
+            "encode image has mode F (32-bit float pixels), whose brightness range is not defined; "
+            "send an 8- or 16-bit PNG, a JPEG or a WebP"
+        )
+    image = ImageOps.exif_transpose(image)
+    if image.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image).astype(np.float32) / 257), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.array(image.convert("RGB"))
 
 
 def _nchw_from_uint8(pixels: torch.Tensor) -> torch.Tensor:

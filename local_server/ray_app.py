@@ -44,8 +44,11 @@ def asgi_builder(models: list[str], device: str, dtype: str) -> Callable[[], Cal
     def build_app() -> Callable:
         from .app import create_app
         from .cli import build_registry
+        from .limits import Limits
+        from .postprocess import limit_pillow
 
         registry = build_registry(models, device, dtype)
+        limit_pillow(Limits().max_pixels)  # the replica's process serves this app only
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (local testing mode)

@@ -52,6 +52,7 @@ MAX_JPEG_QUALITY = 100
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8"
 MAX_DIMS = 6
+MAX_DECLARED_BYTES = 1 << 60  # a declared tensor larger than this cannot even be described (torch's sizes are int64)
 
 
 class ProtocolError(ValueError):
@@ -94,17 +95,21 @@ def expected_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
+def check_body_length(length: int, shape: list[int], dtype: torch.dtype) -> None:
+    """Refuse a body (or a Content-Length) that does not match shape x dtype."""
+    want = expected_nbytes(shape, dtype)
+    if length != want:
+        raise ProtocolError(
+            f"body has {length} bytes but shape {list(shape)} with dtype {dtype_name(dtype)} needs {want} bytes"
+        )
+
+
 def tensor_from_bytes(data: bytes | bytearray | memoryview, shape: list[int], dtype: str | torch.dtype) -> torch.Tensor:
     """Rebuild a tensor from raw bytes, refusing a body whose length does not match shape x dtype."""
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     validate_shape(shape)
-    want = expected_nbytes(shape, torch_dtype)
-    if len(data) != want:
-        raise ProtocolError(
-            f"body has {len(data)} bytes but shape {list(shape)} with dtype {dtype_name(torch_dtype)} "
-            f"needs {want} bytes"
-        )
-    if want == 0:
+    check_body_length(len(data), shape, torch_dtype)
+    if len(data) == 0:
         return torch.empty(shape, dtype=torch_dtype)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if sys.byteorder == "big" and torch_dtype.itemsize > 1:  # pragma: no cover
@@ -424,12 +429,29 @@ def parse_shape_params(query: dict[str, list[str]]) -> list[int]:
     return shape
 
 
-def parse_tensor_body(query: dict[str, list[str]], body: bytes) -> torch.Tensor:
+def declared_tensor(query: dict[str, list[str]]) -> torch.Tensor:
+    """The tensor the query declares, as a meta tensor: its shape and dtype without data.
+
+    Everything that depends only on shapes (limits, layouts, the answer's size) can be checked on it
+    before the body is read.
+    """
     dtype = _one(query, "dtype")
     if dtype is None:
         raise ProtocolError("expected `dtype` in query params")
     torch_dtype = parse_dtype(dtype)
-    tensor = tensor_from_bytes(body, parse_shape_params(query), torch_dtype)
+    shape = parse_shape_params(query)
+    size = expected_nbytes(shape, torch_dtype)
+    if size > MAX_DECLARED_BYTES:  # beyond what torch can even describe
+        raise ProtocolError(f"shape {shape} with dtype {dtype} would need {size} bytes; send a smaller tensor")
+    return torch.empty(shape, dtype=torch_dtype, device="meta")
+
+
+def parse_tensor_body(query: dict[str, list[str]], body: bytes | None) -> torch.Tensor:
+    """The declared tensor read from `body` (None: the meta tensor, before the body is read)."""
+    declared = declared_tensor(query)
+    if body is None:
+        return declared
+    tensor = tensor_from_bytes(body, list(declared.shape), declared.dtype)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ProtocolError("tensor contains NaN or infinite values; send finite numbers")
     return tensor
@@ -449,9 +471,12 @@ def _media_type(value: str | None) -> str:
 
 
 def parse_decode_request(
-    query_items: Iterable[tuple[str, str]], headers: Mapping[str, str], body: bytes
+    query_items: Iterable[tuple[str, str]], headers: Mapping[str, str], body: bytes | None
 ) -> DecodeRequest:
-    """Parse a decode request as the HF endpoints do; unknown parameters are ignored."""
+    """Parse a decode request as the HF endpoints do; unknown parameters are ignored.
+
+    `body=None` parses the query alone: `tensor` is then the declared meta tensor (`declared_tensor`).
+    """
     query = parse_query(query_items)
     lower = {k.lower(): v for k, v in headers.items()}
     content_type = _media_type(lower.get("content-type"))
@@ -491,14 +516,19 @@ def parse_decode_request(
 
 
 def parse_encode_request(
-    query_items: Iterable[tuple[str, str]], headers: Mapping[str, str], body: bytes
+    query_items: Iterable[tuple[str, str]], headers: Mapping[str, str], body: bytes | None
 ) -> EncodeRequest:
-    """Parse an encode request: a raw tensor iff `shape` and `dtype` are given, else an image file."""
+    """Parse an encode request: a raw tensor iff `shape` and `dtype` are given, else an image file.
+
+    `body=None` parses the query alone: a declared tensor is a meta tensor, an image is not known yet.
+    """
     query = parse_query(query_items)
     scaling = _parse_scaling(query, allow_model_defaults=True)
     extensions = Extensions.parse(query)
     if "shape" in query or "dtype" in query:
         return EncodeRequest(scaling, tensor=parse_tensor_body(query, body), extensions=extensions)
+    if body is None:
+        return EncodeRequest(scaling, extensions=extensions)
     if not body:
         raise ProtocolError("encode request has an empty body; send a PNG/JPEG image or a raw tensor with shape/dtype")
     if not (body.startswith(PNG_MAGIC) or body.startswith(JPEG_MAGIC) or body[:4] == b"RIFF"):

@@ -663,3 +663,27 @@ def test_non_finite_tensors_are_refused_on_both_paths(bad):
     wire = protocol.build_encode_request(tensor.float())
     with pytest.raises(protocol.ProtocolError, match="tensor contains NaN or infinite values"):
         protocol.parse_encode_request(wire.params, wire.headers, wire.body)
+
+
+def test_the_query_alone_declares_the_tensor_as_a_meta_tensor():
+    wire = protocol.build_decode_request(latent((1, 4096, 64), torch.bfloat16), output_type="pt", height=1024, width=1024)
+    declared = protocol.parse_decode_request(wire.params, wire.headers, None)
+    assert declared.tensor.is_meta and declared.tensor.shape == (1, 4096, 64) and declared.tensor.dtype == torch.bfloat16
+    assert (declared.output_type, declared.height, declared.scaling) == ("pt", 1024, protocol.Scaling(use_model_defaults=True))
+    encode = protocol.build_encode_request(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
+    assert protocol.parse_encode_request(encode.params, {}, None).tensor.is_meta
+    image = protocol.parse_encode_request([("scaling_factor", "0.5")], {}, None)
+    assert image.tensor is None and image.image_bytes is None and image.scaling.scaling_factor == 0.5
+    with pytest.raises(ProtocolError, match="latents must be float16, bfloat16 or float32, not uint8"):
+        protocol.parse_decode_request([("shape", "1"), ("dtype", "uint8")], {}, None)
+
+
+def test_a_declared_tensor_too_big_to_describe_is_refused():
+    with pytest.raises(ProtocolError, match=r"shape \[1099511627776, 1099511627776\] with dtype float32 would need"):
+        protocol.declared_tensor({"shape": ["1099511627776"] * 2, "dtype": ["float32"]})
+
+
+def test_body_length_checks_name_both_sizes():
+    protocol.check_body_length(512, [1, 4, 8, 8], torch.float16)
+    with pytest.raises(ProtocolError, match=r"body has 9 bytes but shape \[1, 4, 8, 8\] with dtype float16 needs 512 bytes"):
+        protocol.check_body_length(9, [1, 4, 8, 8], torch.float16)

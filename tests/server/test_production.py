@@ -17,6 +17,7 @@ from remote_vae.remote import protocol
 from remote_vae.remote.client import RemoteVAEError, send
 from remote_vae.remote.presets import PRESETS
 from remote_vae.testing import random_vae
+from support.hooked import Wrapped
 from support.serving import error_of, post_decode, post_encode, serve, tensor_of
 
 
@@ -33,28 +34,6 @@ def hosting(model, settings=None, options=None, dtype="float32", preset="sd15"):
             yield url
     finally:
         host.close()
-
-
-class Wrapped(torch.nn.Module):
-    """A real tiny VAE behind hooks: block, fail or record before decoding."""
-
-    def __init__(self, inner, before=None):
-        super().__init__()
-        self.inner = inner
-        self.before = before or (lambda z: None)
-        self.batches: list[int] = []
-
-    @property
-    def config(self):
-        return self.inner.config
-
-    def decode(self, z):
-        self.batches.append(z.shape[0])
-        self.before(z)
-        return self.inner.decode(z)
-
-    def encode(self, x):
-        return self.inner.encode(x)
 
 
 def pt(url, latent, extra_params=(), model="sd15", **kw):
