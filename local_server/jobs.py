@@ -34,49 +34,42 @@ ScaleFn = Callable[[torch.Tensor, Scaling, Factors, Preset], torch.Tensor]
 
 @dataclass(frozen=True)
 class Op:
-    """What differs between decode and encode, as data: the runner never asks which one it runs."""
+    """What differs between decode and encode, as data: the runner never asks which one it runs.
+
+    The backend's methods are named after the operation (`decode`, `decode_tiled`, `decode_bytes`).
+    """
 
     name: Operation
-    run: Callable[[Backend, torch.Tensor], torch.Tensor]
-    run_tiled: Callable[[Backend, torch.Tensor, int], torch.Tensor | None]  # the backend's own tiling, if any
-    estimate: Callable[[Backend, Shape, torch.dtype], int]  # peak bytes of one batch item
     into_model: ScaleFn  # on the input before the model (decode: diffusion -> VAE space)
     out_of_model: ScaleFn  # on the output after it (encode: VAE -> diffusion space)
-    input_per_latent: Callable[[Geometry], int]  # input pixels per latent pixel, per side
-    output_per_latent: Callable[[Geometry], int]
-    batch_cost: Callable[[torch.Tensor, Geometry], int] | None  # elements a batch creates; None: never batched
+    takes_pixels: bool  # pixels in and latents out (encode), or the other way round
+    batch_cost: Callable[[torch.Tensor, Geometry], int] | None = None  # elements a batch creates; None: never batched
+
+    def run(self, backend: Backend, x: torch.Tensor) -> torch.Tensor:
+        return getattr(backend, self.name)(x)
+
+    def run_tiled(self, backend: Backend, x: torch.Tensor, tile: int) -> torch.Tensor | None:
+        """The backend's own tiling at `tile` pixels, or None where it has none."""
+        return getattr(backend, f"{self.name}_tiled")(x, tile)
+
+    def estimate(self, backend: Backend, shape: Shape, dtype: torch.dtype) -> int:
+        """Peak bytes of one batch item."""
+        return getattr(backend, f"{self.name}_bytes")(shape, dtype)
+
+    def input_per_latent(self, g: Geometry) -> int:
+        """Input pixels per latent pixel, per side."""
+        return g.spatial_compression if self.takes_pixels else 1
+
+    def output_per_latent(self, g: Geometry) -> int:
+        return 1 if self.takes_pixels else g.spatial_compression
 
 
-def _latent(g: Geometry) -> int:
-    return 1
+def _decode_cost(z: torch.Tensor, g: Geometry) -> int:
+    return decode_activation_elements(z, g.spatial_compression, g.temporal_compression)
 
 
-def _pixels(g: Geometry) -> int:
-    return g.spatial_compression
-
-
-DECODE = Op(
-    name="decode",
-    run=lambda backend, z: backend.decode(z),
-    run_tiled=lambda backend, z, tile: backend.decode_tiled(z, tile),
-    estimate=lambda backend, shape, dtype: backend.decode_bytes(shape, dtype),
-    into_model=to_vae_space,
-    out_of_model=as_is,
-    input_per_latent=_latent,
-    output_per_latent=_pixels,
-    batch_cost=lambda z, g: decode_activation_elements(z, g.spatial_compression, g.temporal_compression),
-)
-ENCODE = Op(
-    name="encode",
-    run=lambda backend, x: backend.encode(x),
-    run_tiled=lambda backend, x, tile: backend.encode_tiled(x, tile),
-    estimate=lambda backend, shape, dtype: backend.encode_bytes(shape, dtype),
-    into_model=as_is,
-    out_of_model=to_diffusion_space,
-    input_per_latent=_pixels,
-    output_per_latent=_latent,
-    batch_cost=None,
-)
+DECODE = Op("decode", into_model=to_vae_space, out_of_model=as_is, takes_pixels=False, batch_cost=_decode_cost)
+ENCODE = Op("encode", into_model=as_is, out_of_model=to_diffusion_space, takes_pixels=True)
 
 
 @dataclass(frozen=True)
