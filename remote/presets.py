@@ -30,7 +30,7 @@ class Preset:
     name: str
     label: str
     latent_channels: int
-    dims: int  # 2: image latents [B,C,H,W]; 3: video latents [B,C,T,H,W]
+    dims: int  # 2: image latents [B,C,H,W]; 3: video latents [B,C,T,H,W]; 1: audio latents [B,C,L] (comfy backend)
     spatial_compression: int
     temporal_compression: int = 1
     scaling_factor: float = 1.0
@@ -197,7 +197,7 @@ def detect_preset(shape: Sequence[int]) -> Preset:
 
 
 def _layout(p: Preset) -> str:
-    return f"[B,{p.latent_channels},T,H,W]" if p.is_video else f"[B,{p.latent_channels},H,W]"
+    return f"[B,{p.latent_channels},{'L' if p.dims == 1 else 'T,H,W' if p.is_video else 'H,W'}]"
 
 
 def check_latent(preset: Preset, shape: Sequence[int]) -> None:
@@ -210,7 +210,7 @@ def check_latent(preset: Preset, shape: Sequence[int]) -> None:
                 f"{preset.latent_channels}x4={preset.latent_channels * 4}"
             )
         return
-    want_ndim = 5 if preset.is_video else 4
+    want_ndim = preset.dims + 2
     if len(shape) != want_ndim:
         raise PresetError(
             f"latent of shape {shape} has {len(shape)} dimensions but preset {preset.name} expects "
