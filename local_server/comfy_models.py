@@ -197,7 +197,7 @@ def preset_for(vae_file: VaeFile, geometry: Geometry) -> Preset:
         if like else {}
     )  # fmt: skip
     return Preset(
-        name=like.name if like else vae_file.name,
+        name=vae_file.name,
         label=f"{vae_file.path.name} (ComfyUI VAE" + (f", {like.label} factors)" if like else ")"),
         latent_channels=geometry.latent_channels,
         dims=1 if geometry.audio else 3 if geometry.video else 2,
