@@ -171,10 +171,14 @@ def imported_comfyui(root: Path) -> Iterator[Any]:
     try:
         yield comfyui_import.import_comfyui(root, cpu=True)
     finally:
-        for name in set(sys.modules) - before:
-            file = getattr(sys.modules[name], "__file__", None) or ""
-            if file.startswith(str(root)):
-                del sys.modules[name]
+        ours = [name for name in set(sys.modules) - before if _under(sys.modules[name], root)]
+        for name in ours:  # found first: a namespace package's path is read through its parent
+            del sys.modules[name]
         with contextlib.suppress(ValueError):
             sys.path.remove(str(root))
         comfyui_import._imported = None
+
+
+def _under(module: Any, root: Path) -> bool:
+    places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]  # namespace packages
+    return any(str(place).startswith(str(root)) for place in places)
