@@ -13,15 +13,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 import torch
 from safetensors.torch import save_file
 
+from remote_vae.local_server import comfy_models, comfyui_import
 from remote_vae.local_server.app import create_app
 from remote_vae.local_server.backends.comfy import geometry_of
 from remote_vae.local_server.comfy_models import build_comfy_registry, installed_vae_files
+from remote_vae.local_server.comfyui_import import ComfyUIError, import_comfyui
 from remote_vae.local_server.errors import ModelLoadError
 from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote.presets import PRESETS
@@ -168,6 +171,38 @@ def test_a_file_comfyui_cannot_identify_is_refused(comfy, tmp_path):
         ModelLoadError, match=r"vae\.pt is not a \.safetensors file: only safetensors are served"
     ):
         build_comfy_registry(comfy.directory, [f"x={pickle}"], device="cpu", dtype="auto")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ModelLoadError, match=r"broken\.safetensors is not a readable safetensors file"):
+        build_comfy_registry(comfy.directory, [f"x={broken}"], device="cpu", dtype="auto")
+    mismatched = tmp_path / "mismatched.safetensors"  # an SD-family name with shapes no SD VAE has
+    save_file({"decoder.conv_in.weight": torch.zeros(512, 4, 3, 3), "post_quant_conv.weight": torch.zeros(4, 4, 1, 1),
+               "decoder.norm_out.weight": torch.zeros(3)}, str(mismatched))  # fmt: skip
+    with pytest.raises(
+        ModelLoadError, match=r"could not load .*mismatched\.safetensors as a VAE: Error\(s\) in loading"
+    ):
+        build_comfy_registry(comfy.directory, [f"x={mismatched}"], device="cpu", dtype="auto")
+
+
+def test_bad_model_specs_and_folders_are_refused(comfy, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"--model sd15: with --comfyui name a VAE file: NAME=FILE"):
+        build_comfy_registry(comfy.directory, ["sd15"], device="cpu", dtype="auto")
+    with pytest.raises(
+        ValueError,
+        match=r"--model \.\.\.=nothere\.safetensors: no such file, and no such name in ComfyUI's vae",
+    ):
+        build_comfy_registry(comfy.directory, ["x=nothere.safetensors"], device="cpu", dtype="auto")
+    monkeypatch.setattr(comfy_models, "installed_vae_files", lambda comfy: [])
+    with pytest.raises(
+        ModelLoadError, match=r"ComfyUI 0\.3\.75 at .* has no VAE file ComfyUI can load in .*models/vae"
+    ):
+        build_comfy_registry(comfy.directory, [], device="cpu", dtype="auto")
+    with pytest.raises(ComfyUIError, match=r"--comfyui .*: this process already uses ComfyUI 0\.3\.75 at "):
+        import_comfyui(tmp_path, cpu=True)
+    monkeypatch.setattr(comfyui_import, "_imported", None)  # as if ComfyUI had been imported by someone else
+    monkeypatch.setitem(sys.modules, "comfy", SimpleNamespace(__path__=[str(tmp_path / "other" / "comfy")]))
+    with pytest.raises(ComfyUIError, match=r"this process already imported ComfyUI from .*other"):
+        import_comfyui(comfy.directory, cpu=True)
 
 
 # --------------------------------------------------------------------------- ComfyUI's tiled path
