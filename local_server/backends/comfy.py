@@ -100,10 +100,8 @@ class Boundary:
         if self.audio:
             return [x.movedim(1, -1)]
         unit = (x + 1.0) / 2.0
-        if geometry.video and not geometry.still_image:
-            return [
-                video.movedim(0, -1) for video in unit
-            ]  # [F,H,W,3]: ComfyUI encodes an IMAGE as one video
+        if geometry.video and not geometry.still_image:  # ComfyUI encodes an IMAGE [F,H,W,3] as one video
+            return [video.movedim(0, -1) for video in unit]
         if geometry.still_image:
             unit = unit[:, :, 0]
         return [unit.movedim(1, -1)]
@@ -149,12 +147,16 @@ def build_vae(
         ) from exc
     if vae.first_stage_model is None:
         keys = ", ".join(sorted(state_dict)[:3]) or "none"
-        raise ModelLoadError(
+        raise UnknownArchitecture(
             f"{comfy.describe()} does not recognise {source} as a VAE: none of its VAE architectures matches the "
             f"file's tensor names (first of {len(state_dict)}: {keys}); is it a VAE, and does this ComfyUI version know it?",
             has_hint=True,
         )
     return vae
+
+
+class UnknownArchitecture(ModelLoadError):
+    """No VAE architecture of this ComfyUI version matches the file's tensor names."""
 
 
 @dataclass(frozen=True)
