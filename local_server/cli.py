@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from ..remote.presets import PRESETS, Preset, PresetError, get_preset
 from .accel import Accel
 from .app import Settings, check_model_name, create_app
 from .auth import TOKEN_ENV, TokenError, load_token
+from .comfyui_import import COMFYUI_ENV
 from .connections import ConnectionLimits
 from .devices import resolve_device
 from .limits import Limits
@@ -57,8 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Hugging Face repo id, a diffusers folder or a .safetensors file (default: the preset's checkpoint). "
         "Repeat for several models; the first also answers POST /. Default: every preset.",
     )
+    parser.add_argument(
+        "--comfyui",
+        metavar="DIR",
+        default=os.environ.get(COMFYUI_ENV) or None,
+        help="serve VAEs with the ComfyUI installed in DIR (its own VAE code, every architecture it detects): "
+        "--model NAME[:PRESET]=FILE, or by default every .safetensors file of its models/vae folders (also "
+        f"extra_model_paths.yaml), named after the file (default: ${COMFYUI_ENV}; none: the diffusers backend)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the preset's safe dtype on GPU, float32 on CPU")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the preset's safe dtype on GPU, float32 on CPU (with --comfyui: ComfyUI's choice for each VAE)")
     parser.add_argument("--preload", action="store_true", help="load every model before serving instead of on first use")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     limits, defaults = parser.add_argument_group("limits"), Limits()
@@ -161,7 +171,13 @@ def tuning_from(args: argparse.Namespace) -> Tuning:
     )
 
 
-def build_registry(specs: Sequence[str], device: str, dtype: str, options: Tuning | None = None) -> ModelRegistry:
+def build_registry(
+    specs: Sequence[str], device: str, dtype: str, options: Tuning | None = None, comfyui: str | None = None
+) -> ModelRegistry:
+    if comfyui:
+        from .comfy_models import build_comfy_registry  # imports ComfyUI: only when asked for
+
+        return build_comfy_registry(comfyui, specs, device, dtype, options)
     registry = ModelRegistry(load_hint=LOAD_HINT, options=options)
     models = [parse_model_spec(spec) for spec in specs] or [(p.name, p, None) for p in PRESETS.values()]
     for name, preset, source in models:
@@ -181,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if resolve_device(args.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
         settings = settings_from(args)
-        models = build_registry(args.model, args.device, args.dtype, tuning_from(args))
+        models = build_registry(args.model, args.device, args.dtype, tuning_from(args), args.comfyui)
     except (PresetError, ValueError, RuntimeError, TokenError) as exc:
         parser.error(str(exc))
     import uvicorn  # the server extra; imported late so --help works without it

@@ -28,6 +28,12 @@ class UnknownModel(ServerError, LookupError):
     status = 404
 
 
+class CannotEncode(ServerError, ValueError):
+    """Encode asked of a model that only decodes (some tiny decoders)."""
+
+    status = 400
+
+
 class ModelUnavailable(ServerError, RuntimeError):
     """A hosted model that could not be loaded; the message carries the loader's reason."""
 

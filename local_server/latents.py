@@ -36,7 +36,7 @@ def unpack_latents(latent: torch.Tensor, height: int, width: int, spatial: int) 
 
 def prepare_latent(preset: Preset, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
     """Validate a latent against `preset` and unpack 3-D packed latents (image models only)."""
-    if latent.ndim == 3 and not preset.is_video:
+    if latent.ndim == 3 and preset.dims == 2:
         if height is None or width is None:  # protocol.parse_decode_request already insists; kept for direct callers
             raise PresetError("packed (3-D) latents need `height` and `width`")
         latent = unpack_latents(latent, height, width, preset.spatial_compression)

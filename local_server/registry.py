@@ -17,7 +17,7 @@ import torch
 
 from ..remote.presets import Preset
 from .accel import Accel
-from .backends.base import Backend, BackendLoader, Placement
+from .backends.base import Backend, BackendLoader, BackendName, Geometry, Placement
 from .backends.diffusers import DiffusersLoader
 from .devices import Workers, resolve_device, resolve_dtype
 from .errors import ModelLoadError, ModelUnavailable, UnknownModel, without_addresses
@@ -48,6 +48,8 @@ class HostedModel:
     source: str | None
     device: torch.device
     dtype: torch.dtype
+    geometry: Geometry  # known before loading: the preset's, or what the comfy backend read from the file
+    backend_name: BackendName = "diffusers"
     backend: Backend | None = None
     state: LoadState = "not loaded"
     error: str | None = None
@@ -55,6 +57,8 @@ class HostedModel:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "backend": self.backend_name,
+            "geometry": self.geometry.describe(),
             "preset": self.preset.describe(),
             "source": self.source or self.preset.checkpoint,
             "device": str(self.device),
@@ -96,11 +100,14 @@ class ModelRegistry:
         model: Any = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        geometry: Geometry | None = None,
     ) -> HostedModel:
         if name in self._models:
             raise ValueError(f"model name {name!r} is used twice")
         dev = resolve_device(device)
-        hosted = HostedModel(name, preset, source, dev, resolve_dtype(dtype, preset, dev))
+        hosted = HostedModel(
+            name, preset, source, dev, resolve_dtype(dtype, preset, dev), geometry or Geometry.of(preset), self.loader.name
+        )
         if model is not None:
             hosted.backend = self.loader.wrap(model, preset, self._placement(hosted))
             hosted.state, hosted.source = "loaded", source or IN_PROCESS
@@ -145,7 +152,7 @@ class ModelRegistry:
             log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))  # expected ones need no traceback
             self._set_state(hosted, "failed", message)
             raise ModelUnavailable(message) from exc
-        hosted.backend = backend
+        hosted.backend, hosted.dtype = backend, backend.placement.dtype  # the comfy backend may choose its dtype
         self._set_state(hosted, "loaded")
         log.info("model %s loaded on %s as %s", hosted.name, hosted.device, hosted.dtype)
         return backend

@@ -30,7 +30,7 @@ class Preset:
     name: str
     label: str
     latent_channels: int
-    dims: int  # 2: image latents [B,C,H,W]; 3: video latents [B,C,T,H,W]
+    dims: int  # 2: image latents [B,C,H,W]; 3: video latents [B,C,T,H,W]; 1: audio latents [B,C,L] (comfy backend)
     spatial_compression: int
     temporal_compression: int = 1
     scaling_factor: float = 1.0
@@ -197,7 +197,7 @@ def detect_preset(shape: Sequence[int]) -> Preset:
 
 
 def _layout(p: Preset) -> str:
-    return f"[B,{p.latent_channels},T,H,W]" if p.is_video else f"[B,{p.latent_channels},H,W]"
+    return f"[B,{p.latent_channels},{'L' if p.dims == 1 else 'T,H,W' if p.is_video else 'H,W'}]"
 
 
 def check_latent(preset: Preset, shape: Sequence[int]) -> None:
@@ -206,24 +206,31 @@ def check_latent(preset: Preset, shape: Sequence[int]) -> None:
     if len(shape) == 3 and preset.packed:
         if shape[2] != preset.latent_channels * 4:
             raise PresetError(
-                f"packed latent has {shape[2]} features but preset {preset.name} packs "
+                f"packed latent has {shape[2]} features but {_owner(preset)} packs "
                 f"{preset.latent_channels}x4={preset.latent_channels * 4}"
             )
         return
-    want_ndim = 5 if preset.is_video else 4
+    want_ndim = preset.dims + 2
     if len(shape) != want_ndim:
         raise PresetError(
-            f"latent of shape {shape} has {len(shape)} dimensions but preset {preset.name} expects "
-            f"{_layout(preset)}; {_suggest(shape)}"
+            f"latent of shape {shape} has {len(shape)} dimensions but {_owner(preset)} expects "
+            f"{_layout(preset)}; {_suggest(shape, preset)}"
         )
     if shape[1] != preset.latent_channels:
         raise PresetError(
-            f"latent has {shape[1]} channels but preset {preset.name} expects {preset.latent_channels}; "
-            f"{_suggest(shape)}"
+            f"latent has {shape[1]} channels but {_owner(preset)} expects {preset.latent_channels}; "
+            f"{_suggest(shape, preset)}"
         )
 
 
-def _suggest(shape: list[int]) -> str:
+def _owner(preset: Preset) -> str:
+    """A table row is a preset; any other Preset describes one model (the server's comfy backend)."""
+    return f"preset {preset.name}" if PRESETS.get(preset.name) is preset else f"model {preset.name}"
+
+
+def _suggest(shape: list[int], preset: Preset) -> str:
+    if PRESETS.get(preset.name) is not preset:
+        return f"model {preset.name} serves {preset.label}"
     fits = candidates_for(shape)
     if fits:
         return "pick the " + " or ".join(p.name for p in fits) + " preset"

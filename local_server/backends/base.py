@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -19,6 +19,9 @@ from ...remote.protocol import Reference
 from ..accel import Accel
 from ..latents import Factors
 
+BackendName = Literal["diffusers", "comfy"]
+Dims = Literal["image", "video", "audio"]
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -26,13 +29,38 @@ class Geometry:
 
     latent_channels: int
     video: bool  # latents [B,C,T,H,W] and pixels [B,3,F,H,W]
-    spatial_compression: int  # pixels per latent pixel, per side
+    spatial_compression: int  # pixels per latent pixel, per side (audio: samples per latent step)
     temporal_compression: int  # frames per latent frame (1 for images)
-    output_channels: int = 3
+    output_channels: int = 3  # colour channels, or audio channels
+    audio: bool = False  # latents [B,C,L] (ComfyUI's latent_dim 1) decoding to audio [B,channels,samples]
+    sample_rate: int | None = None  # of audio models
+    still_image: bool = False  # video-shaped latents of one frame, each one image
 
     @classmethod
     def of(cls, preset: Preset) -> Geometry:
-        return cls(preset.latent_channels, preset.is_video, preset.spatial_compression, preset.temporal_compression)
+        return cls(
+            preset.latent_channels,
+            preset.is_video,
+            preset.spatial_compression,
+            preset.temporal_compression,
+            still_image=preset.still_image,
+        )
+
+    @property
+    def dims(self) -> Dims:
+        return "audio" if self.audio else "video" if self.video else "image"
+
+    def describe(self) -> dict[str, Any]:
+        """What a client needs to shape latents and read outputs without guessing (for /v1/models)."""
+        return {
+            "dims": self.dims,
+            "latent_channels": self.latent_channels,
+            "spatial_compression": self.spatial_compression,
+            "temporal_compression": self.temporal_compression,
+            "output_channels": self.output_channels,
+            "sample_rate": self.sample_rate,
+            "still_image": self.still_image,
+        }
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,7 @@ class Backend(Protocol):
     """One loaded model. Tensors come and go on its device; latents are in raw VAE space."""
 
     geometry: Geometry
+    placement: Placement  # as loaded: a backend may settle the dtype itself (the comfy backend: ComfyUI's choice)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw decoder output: [B,3,H,W] in about [-1,1], or [B,3,F,H,W] for video models."""
@@ -92,6 +121,8 @@ class Backend(Protocol):
 
 class BackendLoader(Protocol):
     """Makes backends of one implementation."""
+
+    name: ClassVar[BackendName]
 
     def load(self, preset: Preset, source: str | None, placement: Placement) -> Backend:
         """The model for `preset` from `source` (None: the preset's checkpoint); raises ModelLoadError."""

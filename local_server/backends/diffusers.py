@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -19,7 +19,7 @@ from ...remote.presets import Preset
 from ...remote.protocol import Reference
 from .. import accel, memory, parity
 from ..latents import Factors
-from .base import Geometry, Placement, Shape
+from .base import BackendName, Geometry, Placement, Shape
 
 log = logging.getLogger("remote_vae.server")
 
@@ -39,6 +39,7 @@ def read_vae(preset: Preset, source: str | None, *, device: torch.device, dtype:
 class DiffusersLoader:
     """Makes `DiffusersBackend`s; `read` builds the module (default: `loading.load_vae`)."""
 
+    name: ClassVar[BackendName] = "diffusers"
     read: ReadFn = read_vae
 
     def load(self, preset: Preset, source: str | None, placement: Placement) -> DiffusersBackend:
