@@ -105,30 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for how long and how much one connection may hold (`ConnectionLimits`, `UploadLimits`)."""
     group, uploads, connections = parser.add_argument_group("connections"), UploadLimits(), ConnectionLimits()
-    group.add_argument(
-        "--max-connections", type=int, default=connections.max_connections,
-        help="open connections; a request on one more gets 503 + Retry-After (default %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--header-timeout", type=float, default=connections.header_timeout,
-        help="seconds a client has to send a request's line and headers (default %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--upload-timeout", type=float, default=uploads.idle_timeout,
-        help="longest pause in a request body before a 408, in seconds (default %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--min-upload-rate", type=int, default=uploads.min_rate,
-        help=f"bytes/s a request body must average after its first {uploads.grace:g} s (default %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--send-timeout", type=float, default=connections.send_timeout,
-        help="seconds a client may read nothing of its answer before the connection is dropped (default %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--shutdown-timeout", type=int, default=connections.shutdown_timeout,
-        help="on SIGTERM, seconds running requests get to finish; uploads in progress are refused (default %(default)s)",
-    )  # fmt: skip
+    flags = [  # flag, type, default, what it bounds
+        ("--max-connections", int, connections.max_connections,
+         "open connections; a request on one more gets 503 + Retry-After"),
+        ("--header-timeout", float, connections.header_timeout,
+         "seconds a client has to send a request's line and headers"),
+        ("--upload-timeout", float, uploads.idle_timeout, "longest pause in a request body before a 408, in seconds"),
+        ("--min-upload-rate", int, uploads.min_rate,
+         f"bytes/s a request body must average after its first {uploads.grace:g} s"),
+        ("--send-timeout", float, connections.send_timeout,
+         "seconds a client may read nothing of its answer before the connection is dropped"),
+        ("--shutdown-timeout", int, connections.shutdown_timeout,
+         "on SIGTERM, seconds running requests get to finish; uploads in progress are refused"),
+    ]  # fmt: skip
+    for flag, kind, default, text in flags:
+        group.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
 
 
 def connection_limits_from(args: argparse.Namespace) -> ConnectionLimits:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .choices import (
     CATEGORY,
@@ -95,26 +95,18 @@ class _RemoteNode:
 
 DECODE = NodeSpec(
     "Decodes latents on a remote VAE server (self-hosted or Hugging Face) instead of this GPU.",
-    ("IMAGE", "The decoded images (video latents: their frames)."),
-    ("samples", "LATENT", "The latent to decode."),
-    TRANSFER_DECODE,
-    DECODE_TRANSFER_TIP,
-)
-VIDEO_DECODE = NodeSpec(
-    "Decodes video latents on a remote VAE server; returns every video's frames in order.",
-    ("IMAGE", "The frames of every video in the batch, in order."),
-    ("samples", "LATENT", "The latent to decode."),
-    TRANSFER_VIDEO,
-    DECODE_TRANSFER_TIP,
-    video_only=True,
-)
+    ("IMAGE", "The decoded images (video latents: their frames)."), ("samples", "LATENT", "The latent to decode."),
+    TRANSFER_DECODE, DECODE_TRANSFER_TIP,
+)  # fmt: skip
+VIDEO_DECODE = replace(
+    DECODE, description="Decodes video latents on a remote VAE server; returns every video's frames in order.",
+    output=("IMAGE", "The frames of every video in the batch, in order."), transfers=TRANSFER_VIDEO, video_only=True,
+)  # fmt: skip
 ENCODE = NodeSpec(
     "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU.",
     ("LATENT", "The raw latents (posterior mode), as VAEEncode gives them."),
-    ("pixels", "IMAGE", "The images to encode (a video VAE: the frames of one video)."),
-    TRANSFER_ENCODE,
-    ENCODE_TRANSFER_TIP,
-)
+    ("pixels", "IMAGE", "The images to encode (a video VAE: the frames of one video)."), TRANSFER_ENCODE, ENCODE_TRANSFER_TIP,
+)  # fmt: skip
 
 
 class RemoteVAEDecode(_RemoteNode, spec=DECODE):
