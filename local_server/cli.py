@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model NAME[:PRESET]=FILE, or by default every .safetensors file of its models/vae folders (also "
         f"extra_model_paths.yaml), named after the file (default: ${COMFYUI_ENV}; none: the diffusers backend)",
     )
+    # fmt: off
+    # One flag per line reads best here; the formatter would spread each over five.
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the preset's safe dtype on GPU, float32 on CPU (with --comfyui: ComfyUI's choice for each VAE)")
     parser.add_argument("--preload", action="store_true", help="load every model before serving instead of on first use")
@@ -79,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-request-memory", type=int, default=defaults.max_request_memory,
         help="bytes of host memory one request may need at its peak (default: an eighth of this machine's, %(default)s)",
-    )  # fmt: skip
+    )
     limits.add_argument(
         "--max-in-flight", type=int, default=defaults.max_in_flight,
         help="requests in the server at once, running or waiting; beyond it: 503 + Retry-After (default %(default)s)",
-    )  # fmt: skip
+    )
     # The flags --max-in-flight replaces; as before, the server held their sum.
     limits.add_argument("--max-concurrency", type=int, help=argparse.SUPPRESS)
     limits.add_argument("--max-queue", type=int, help=argparse.SUPPRESS)
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--channels-last", action="store_true", help="channels_last memory layout (CUDA speed-up)")
     speed.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune convolutions per shape")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder/decoder (warm-up with --preload)")
+    # fmt: on
     return parser
 
 
