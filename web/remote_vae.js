@@ -214,6 +214,16 @@ function setUpNode(node, encodes) {
     getMinHeight: () => panelHeight(panel),
   });
   info.serialize = false;
+  // Nodes 2.0 (Vue) draws no canvas foreground, so also follow a picked preset through its callback.
+  const preset = node.widgets?.find((widget) => widget.name === "preset");
+  if (preset) {
+    const picked = preset.callback;
+    preset.callback = function (...args) {
+      const result = picked?.apply(this, args);
+      showPreset(node);
+      return result;
+    };
+  }
   showPreset(node);
 }
 
@@ -396,9 +406,10 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
       nodeType.prototype.onConfigure = function (info, ...rest) {
         const result = onConfigure?.apply(this, [info, ...rest]);
         warnIfLegacyToken(this, info);
+        if (this[STATE]) showPreset(this); // loaded values arrive without callbacks
         return result;
       };
-      // Follow the preset however it changes (picked, loaded with a workflow, undone): compare on draw.
+      // Follow the preset however else it changes (set by another extension, undone): compare on draw.
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (...args) {
         const result = onDrawForeground?.apply(this, args);
