@@ -214,17 +214,33 @@ function setUpNode(node, encodes) {
     getMinHeight: () => panelHeight(panel),
   });
   info.serialize = false;
-  // Nodes 2.0 (Vue) draws no canvas foreground, so also follow a picked preset through its callback.
   const preset = node.widgets?.find((widget) => widget.name === "preset");
-  if (preset) {
-    const picked = preset.callback;
-    preset.callback = function (...args) {
-      const result = picked?.apply(this, args);
-      showPreset(node);
-      return result;
-    };
-  }
+  if (preset) watchValue(preset, () => showPreset(node));
   showPreset(node);
+}
+
+// Calls onChange whenever the widget's value changes, however it is set (picked, loaded with a workflow,
+// set by another extension): Nodes 2.0 (Vue nodes) draws no canvas foreground to compare on.
+function watchValue(widget, onChange) {
+  let owner = widget;
+  while (owner && !Object.hasOwn(owner, "value")) owner = Object.getPrototypeOf(owner);
+  const descriptor = owner ? Object.getOwnPropertyDescriptor(owner, "value") : undefined;
+  if ((owner === widget && !descriptor.configurable) || (descriptor?.get && !descriptor.set)) return;
+  let stored = widget.value;
+  const read = descriptor?.get ?? (() => stored);
+  const write = descriptor?.set ?? ((value) => { stored = value; });
+  Object.defineProperty(widget, "value", {
+    configurable: true,
+    enumerable: true,
+    get() {
+      return read.call(this);
+    },
+    set(value) {
+      const before = read.call(this);
+      write.call(this, value);
+      if (read.call(this) !== before) onChange();
+    },
+  });
 }
 
 // Workflows saved before tokens were bound to servers carry one more widget value (a variable name).
@@ -406,10 +422,9 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
       nodeType.prototype.onConfigure = function (info, ...rest) {
         const result = onConfigure?.apply(this, [info, ...rest]);
         warnIfLegacyToken(this, info);
-        if (this[STATE]) showPreset(this); // loaded values arrive without callbacks
         return result;
       };
-      // Follow the preset however else it changes (set by another extension, undone): compare on draw.
+      // A frontend that replaces the widget's value property after setUpNode: compare on draw as well.
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (...args) {
         const result = onDrawForeground?.apply(this, args);
