@@ -8,7 +8,6 @@ against a real ComfyUI's /object_info; the browser test checks the layout as the
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from remote_vae.nodes import NODE_CLASS_MAPPINGS
 from remote_vae.nodes.resolve import endpoint_url
 from remote_vae.remote.presets import PRESETS
 from support.comfyui_harness import core_node_types
+from support.layout import has_panel, overlapping, saved_box
 
 FOLDER = Path(__file__).resolve().parents[2] / "example_workflows"
 WORKFLOWS = sorted(FOLDER.glob("*.json"))
@@ -36,10 +36,6 @@ NODE_KEYS = {
     "widgets_values",
 }
 OUR_WIDGETS = ["preset", "endpoint", "transfer", "timeout"]
-TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above `pos`
-# The frontend grows a node with our panel (web/remote_vae.js) to at least this height; the browser test
-# checks that every example node is drawn at its saved size, so these boxes are what the canvas shows.
-PANEL_NODE_MIN_HEIGHT = 220
 
 
 def load(path: Path) -> dict:
@@ -48,24 +44,6 @@ def load(path: Path) -> dict:
 
 def ours(workflow: dict) -> list[dict]:
     return [node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS]
-
-
-def has_panel(node_type: str) -> bool:
-    """Our web extension adds its panel to nodes with all of our inputs (as web/remote_vae.js tells them)."""
-    node_class = NODE_CLASS_MAPPINGS.get(node_type)
-    return node_class is not None and set(OUR_WIDGETS) <= set(node_class.INPUT_TYPES()["required"])
-
-
-def box(node: dict) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) as drawn: the title bar above `pos`, our panel's minimum height."""
-    (x, y), (width, height) = node["pos"], node["size"]
-    if has_panel(node["type"]):
-        height = max(height, PANEL_NODE_MIN_HEIGHT)
-    return x, y - TITLE_HEIGHT, x + width, y + height
-
-
-def intersect(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def test_the_promised_examples_are_there():
@@ -179,23 +157,19 @@ def test_our_widget_values_are_valid_and_runnable(path):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_no_two_nodes_overlap(path):
     nodes = load(path)["nodes"]
-    assert {node["type"] for node in nodes if has_panel(node["type"])}  # the panel rule applies
-    overlapping = [
-        (f"{a['type']} #{a['id']}", f"{b['type']} #{b['id']}")
-        for a, b in itertools.combinations(nodes, 2)
-        if intersect(box(a), box(b))
-    ]
-    assert overlapping == [], f"{path.stem}: these nodes overlap on the canvas"
+    assert has_panel("RemoteVAEDecode") and not has_panel("VAEDecode")  # the panel rule works
+    boxes = {f"{node['type']} #{node['id']}": saved_box(node) for node in nodes}
+    assert overlapping(boxes) == [], f"{path.stem}: these nodes overlap on the canvas"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_links_run_left_to_right(path):
-    """A readable flow: every link leaves a node for one that starts right of it."""
+    """A readable flow: every link leaves a node for one that starts right of where it ends."""
     workflow = load(path)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     backwards = [
         (nodes[src]["type"], nodes[dst]["type"])
         for _, src, _, dst, _, _ in workflow["links"]
-        if box(nodes[src])[2] >= box(nodes[dst])[0]
+        if saved_box(nodes[src])[2] >= saved_box(nodes[dst])[0]
     ]
-    assert backwards == [], f"{path.stem}: these links run backwards or upwards through a node"
+    assert backwards == [], f"{path.stem}: these links run right to left"
