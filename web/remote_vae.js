@@ -227,6 +227,7 @@ function watchValue(widget, onChange) {
   const descriptor = owner ? Object.getOwnPropertyDescriptor(owner, "value") : undefined;
   if ((owner === widget && !descriptor.configurable) || (descriptor?.get && !descriptor.set)) return;
   let stored = widget.value;
+  let seen = stored; // compared with what was last seen here: newer frontends update their store first
   const read = descriptor?.get ?? (() => stored);
   const write = descriptor?.set ?? ((value) => { stored = value; });
   Object.defineProperty(widget, "value", {
@@ -236,9 +237,11 @@ function watchValue(widget, onChange) {
       return read.call(this);
     },
     set(value) {
-      const before = read.call(this);
       write.call(this, value);
-      if (read.call(this) !== before) onChange();
+      const now = read.call(this);
+      if (now === seen) return;
+      seen = now;
+      onChange();
     },
   });
 }
