@@ -25,7 +25,15 @@ from ..remote.presets import PRESETS, Preset, get_preset
 from ..remote.protocol import DTYPES
 from .app import RESERVED_NAMES, check_model_name
 from .backends.base import Geometry
-from .backends.comfy import ComfyLoader, build_vae, check_file, geometry_of, read_state_dict
+from .backends.comfy import (
+    SAFE_SUFFIXES,
+    ComfyLoader,
+    UnknownArchitecture,
+    build_vae,
+    check_file,
+    geometry_of,
+    read_state_dict,
+)
 from .comfyui_import import ComfyUI, import_comfyui
 from .devices import resolve_device
 from .errors import ModelLoadError
@@ -57,25 +65,27 @@ def build_comfy_registry(
     installation. Files named in `specs` that ComfyUI cannot identify are an error; found ones are skipped."""
     dev = resolve_device(device)
     comfy = import_comfyui(comfyui, cpu=dev.type == "cpu")
-    loader = ComfyLoader(comfy, None if dtype == "auto" else DTYPES[dtype])  # auto: ComfyUI's choice per VAE
-    registry = ModelRegistry(loader=loader, options=options)
     files = [parse_comfy_spec(spec, comfy) for spec in specs] or installed_vae_files(comfy)
+    identified = []
     for vae_file in files:
         try:
-            geometry = read_geometry(comfy, vae_file.path)
+            identified.append((vae_file, read_geometry(comfy, vae_file.path)))
         except ModelLoadError as exc:
             if specs:
                 raise
             log.warning("not hosting %s: %s", vae_file.path, exc)
-            continue
+    if not identified:
+        folders = ", ".join(comfy.folder_paths.get_folder_paths("vae"))
+        raise ModelLoadError(
+            f"{comfy.describe()} has no VAE file ComfyUI can load in {folders}; "
+            "add one or name one with --model NAME=FILE"
+        )
+    loader = ComfyLoader(comfy, None if dtype == "auto" else DTYPES[dtype])  # auto: ComfyUI's choice per VAE
+    registry = ModelRegistry(loader=loader, options=options)
+    for vae_file, geometry in identified:
         preset = preset_for(vae_file, geometry)
         registry.add(
             vae_file.name, preset, source=str(vae_file.path), device=dev, dtype=dtype, geometry=geometry
-        )
-    if not registry.names:
-        folders = ", ".join(comfy.folder_paths.get_folder_paths("vae"))
-        raise ModelLoadError(
-            f"{comfy.describe()} has no VAE file ComfyUI can load in {folders}; add one or name one with --model NAME=FILE"
         )
     return registry
 
@@ -117,7 +127,7 @@ def installed_vae_files(comfy: ComfyUI) -> list[VaeFile]:
             continue
         path = Path(full)
         name = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)
-        if path.suffix.lower() not in (".safetensors", ".sft"):
+        if path.suffix.lower() not in SAFE_SUFFIXES:
             log.warning(
                 "not hosting %s: only .safetensors files are served (pickle files can run code when loaded)",
                 path,
@@ -137,9 +147,8 @@ def _load_extra_model_paths(comfy: ComfyUI) -> None:
     reader = comfy.directory / "utils" / "extra_config.py"
     if not config.is_file() or not reader.is_file():
         return
-    spec = importlib.util.spec_from_file_location(
-        "_remote_vae_comfyui_extra_config", reader
-    )  # not `utils`: a common name
+    # Loaded by path under a private name: ComfyUI's top-level `utils` package has a common name.
+    spec = importlib.util.spec_from_file_location("_remote_vae_comfyui_extra_config", reader)
     if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)
@@ -154,7 +163,8 @@ def read_geometry(comfy: ComfyUI, path: Path) -> Geometry:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata()
-            state_dict = {key: _meta_tensor(f.get_slice(key)) for key in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+            keys = f.keys()
+            state_dict = {key: _meta_tensor(f.get_slice(key)) for key in keys}
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}", has_hint=True) from exc
     try:
@@ -162,9 +172,9 @@ def read_geometry(comfy: ComfyUI, path: Path) -> Geometry:
             vae = build_vae(
                 comfy, state_dict, metadata, str(path), device=torch.device("cpu"), dtype=torch.float32
             )
-    except ModelLoadError as exc:
-        if "does not recognise" in str(exc):
-            raise
+    except UnknownArchitecture:
+        raise
+    except ModelLoadError as exc:  # an architecture that needs real tensors to be built (e.g. Cosmos')
         log.info("%s: identifying it by loading it (%s)", path, exc)
         state_dict, metadata = read_state_dict(comfy, path)
         vae = build_vae(comfy, state_dict, metadata, str(path), device=torch.device("cpu"))
@@ -197,7 +207,7 @@ def preset_for(vae_file: VaeFile, geometry: Geometry) -> Preset:
         if like else {}
     )  # fmt: skip
     return Preset(
-        name=like.name if like else vae_file.name,
+        name=vae_file.name,
         label=f"{vae_file.path.name} (ComfyUI VAE" + (f", {like.label} factors)" if like else ")"),
         latent_channels=geometry.latent_channels,
         dims=1 if geometry.audio else 3 if geometry.video else 2,

@@ -59,10 +59,10 @@ def import_comfyui(directory: str | Path, *, cpu: bool) -> ComfyUI:
             return _imported
         _check_tree(root, directory)
         _check_not_shadowed(root)
-        if str(root) not in sys.path:
-            sys.path.insert(
-                0, str(root)
-            )  # ComfyUI's own imports are absolute (`import comfy.utils`, `folder_paths`)
+        if (
+            str(root) not in sys.path
+        ):  # ComfyUI's own imports are absolute (`import comfy.utils`, `folder_paths`)
+            sys.path.insert(0, str(root))
         with _quiet_argv():
             _imported = _import(root, cpu)
         log.info("using %s", _imported.describe())
@@ -85,10 +85,12 @@ def _check_tree(root: Path, given: str | Path) -> None:
 def _check_not_shadowed(root: Path) -> None:
     """A `comfy` package imported from elsewhere would be used instead of the one named."""
     module = sys.modules.get("comfy")
-    if module is not None and module.__file__ and Path(module.__file__).resolve().parent.parent != root:
-        raise ComfyUIError(
-            f"--comfyui {root}: this process already imported ComfyUI from {Path(module.__file__).parent.parent}"
-        )
+    if module is None:
+        return
+    where = [Path(p).parent for p in getattr(module, "__path__", [])]  # a namespace package: no __file__
+    if root not in where:
+        shown = ", ".join(map(str, where)) or "an unknown place"
+        raise ComfyUIError(f"--comfyui {root}: this process already imported ComfyUI from {shown}")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@
     serve run local_server/ray_serve.yaml
 
 Arguments (all strings, as `serve run` passes them): `models` (`;`-separated `--model` specs; default
-every preset), `device`, `dtype`, `num_replicas` (fixed count) or `min_replicas`/`max_replicas` with
+every preset), `comfyui` (a ComfyUI installation whose VAE code serves them, as
+`--comfyui`), `device`, `dtype`, `num_replicas` (fixed count) or `min_replicas`/`max_replicas` with
 `target_ongoing_requests` (autoscaling), `gpus_per_replica` (default 1 when CUDA is present, else 0),
 `cpus_per_replica`, `max_ongoing_requests`. Each replica hosts every listed model.
 """
@@ -38,14 +39,14 @@ def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
     return wrapped
 
 
-def asgi_builder(models: list[str], device: str, dtype: str) -> Callable[[], Callable]:
+def asgi_builder(models: list[str], device: str, dtype: str, comfyui: str | None = None) -> Callable[[], Callable]:
     """A builder Ray evaluates on each replica: its own ModelRegistry and app (models load on first use)."""
 
     def build_app() -> Callable:
         from .app import create_app
         from .cli import build_registry
 
-        registry = build_registry(models, device, dtype)
+        registry = build_registry(models, device, dtype, comfyui=comfyui)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (local testing mode)
@@ -79,7 +80,7 @@ def deployment_options(args: Mapping[str, str]) -> dict[str, Any]:
 def build(args: Mapping[str, str]) -> serve.Application:
     """The application builder for `serve run remote_vae.local_server.ray_app:build key=value ...`."""
     models = [spec.strip() for spec in args.get("models", "").split(";") if spec.strip()]
-    builder = asgi_builder(models, args.get("device", "auto"), args.get("dtype", "auto"))
+    builder = asgi_builder(models, args.get("device", "auto"), args.get("dtype", "auto"), args.get("comfyui") or None)
 
     @serve.ingress(builder)
     class RemoteVAEReplica:

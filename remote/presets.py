@@ -206,24 +206,31 @@ def check_latent(preset: Preset, shape: Sequence[int]) -> None:
     if len(shape) == 3 and preset.packed:
         if shape[2] != preset.latent_channels * 4:
             raise PresetError(
-                f"packed latent has {shape[2]} features but preset {preset.name} packs "
+                f"packed latent has {shape[2]} features but {_owner(preset)} packs "
                 f"{preset.latent_channels}x4={preset.latent_channels * 4}"
             )
         return
     want_ndim = preset.dims + 2
     if len(shape) != want_ndim:
         raise PresetError(
-            f"latent of shape {shape} has {len(shape)} dimensions but preset {preset.name} expects "
-            f"{_layout(preset)}; {_suggest(shape)}"
+            f"latent of shape {shape} has {len(shape)} dimensions but {_owner(preset)} expects "
+            f"{_layout(preset)}; {_suggest(shape, preset)}"
         )
     if shape[1] != preset.latent_channels:
         raise PresetError(
-            f"latent has {shape[1]} channels but preset {preset.name} expects {preset.latent_channels}; "
-            f"{_suggest(shape)}"
+            f"latent has {shape[1]} channels but {_owner(preset)} expects {preset.latent_channels}; "
+            f"{_suggest(shape, preset)}"
         )
 
 
-def _suggest(shape: list[int]) -> str:
+def _owner(preset: Preset) -> str:
+    """A table row is a preset; any other Preset describes one model (the server's comfy backend)."""
+    return f"preset {preset.name}" if PRESETS.get(preset.name) is preset else f"model {preset.name}"
+
+
+def _suggest(shape: list[int], preset: Preset) -> str:
+    if PRESETS.get(preset.name) is not preset:
+        return f"model {preset.name} serves {preset.label}"
     fits = candidates_for(shape)
     if fits:
         return "pick the " + " or ".join(p.name for p in fits) + " preset"

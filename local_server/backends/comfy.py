@@ -32,9 +32,8 @@ log = logging.getLogger("remote_vae.server")
 
 SAFE_SUFFIXES = (".safetensors", ".sft")  # ComfyUI would torch.load the others: pickles (docs/protocol.md)
 DEFAULT_SAMPLE_RATE = 44100  # ComfyUI versions whose VAE has no `audio_sample_rate` hard-code this rate
-_model_management_lock = (
-    threading.Lock()
-)  # ComfyUI's loaded-model list is not thread-safe (one worker per device)
+# ComfyUI's list of loaded models is not thread-safe, and each device has its own worker thread.
+_model_management_lock = threading.Lock()
 
 
 def geometry_of(vae: Any) -> Geometry:
@@ -84,7 +83,9 @@ class Boundary:
         return y if self.usual_output else process_output(y.float()) * 2.0 - 1.0
 
     def model_input(self, x: torch.Tensor, process_input: Any) -> torch.Tensor:
-        """Our pixels in [-1,1] (audio as it is) -> the model's input."""
+        """Our pixels in [-1,1] (audio as it is) -> the model's input, laid out as ComfyUI's encode hands it
+        over: a channels-last IMAGE viewed channels-first (convolutions may round differently on that layout)."""
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
         if self.audio:
             return process_input(x)
         return x if self.usual_input else process_input((x + 1.0) / 2.0)
@@ -99,10 +100,8 @@ class Boundary:
         if self.audio:
             return [x.movedim(1, -1)]
         unit = (x + 1.0) / 2.0
-        if geometry.video and not geometry.still_image:
-            return [
-                video.movedim(0, -1) for video in unit
-            ]  # [F,H,W,3]: ComfyUI encodes an IMAGE as one video
+        if geometry.video and not geometry.still_image:  # ComfyUI encodes an IMAGE [F,H,W,3] as one video
+            return [video.movedim(0, -1) for video in unit]
         if geometry.still_image:
             unit = unit[:, :, 0]
         return [unit.movedim(1, -1)]
@@ -148,12 +147,16 @@ def build_vae(
         ) from exc
     if vae.first_stage_model is None:
         keys = ", ".join(sorted(state_dict)[:3]) or "none"
-        raise ModelLoadError(
+        raise UnknownArchitecture(
             f"{comfy.describe()} does not recognise {source} as a VAE: none of its VAE architectures matches the "
             f"file's tensor names (first of {len(state_dict)}: {keys}); is it a VAE, and does this ComfyUI version know it?",
             has_hint=True,
         )
     return vae
+
+
+class UnknownArchitecture(ModelLoadError):
+    """No VAE architecture of this ComfyUI version matches the file's tensor names."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from remote_vae.local_server.cli import (
 )
 from remote_vae.remote.presets import PRESETS, PresetError
 from remote_vae.testing import random_vae
-from support.processes import running_server
+from support.processes import running_server, server_env
 from support.serving import error_of, post_decode, tensor_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -65,7 +65,8 @@ def test_bad_arguments_exit_with_a_message():
         (["--model", "sd15", "--model", "sd15"], "model name 'sd15' is used twice"),
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "remote_vae.local_server", *args], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "remote_vae.local_server", *args], capture_output=True, text=True, timeout=120,
+            env=server_env(),
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
@@ -73,7 +74,8 @@ def test_bad_arguments_exit_with_a_message():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cuda_without_cuda_is_refused():
     result = subprocess.run(
-        [sys.executable, "-m", "remote_vae.local_server", "--device", "cuda"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "remote_vae.local_server", "--device", "cuda"], capture_output=True, text=True, timeout=120,
+        env=server_env(),
     )
     assert result.returncode == 2 and "no CUDA device is available; use --device cpu" in result.stderr
 

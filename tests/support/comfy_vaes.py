@@ -9,9 +9,13 @@ it reads the width from the weights: Wan 2.1 / Qwen-Image, LTX-Video's metadata 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +72,10 @@ FAMILIES = {
                metadata={"config": json.dumps(LTX_TINY)}),
         Family("stable_audio", {"decoder.layers.1.layers.0.beta": (2048,)}, (1, 64, 4)),
         Family("taesd", {"taesd_decoder.1.weight": (64, 4, 3, 3)}, (1, 4, 8, 8)),
-        Family("taehv", {"decoder.22.bias": (3,), "decoder.1.weight": (256, 16, 3, 3)}, (1, 16, 2, 4, 4), encodes=True),
+        Family("taehv", {"decoder.22.bias": (3,), "decoder.1.weight": (256, 16, 3, 3)}, (1, 16, 2, 4, 4),
+               note="its output is 0..1 already (ComfyUI's process_output is the identity)"),
+        Family("lighttaew22", {"decoder.22.bias": (12,), "decoder.1.weight": (256, 48, 3, 3)}, (1, 48, 1, 2, 2),
+               encodes=False, note="a decoder only"),
     )
 }  # fmt: skip
 
@@ -128,3 +135,50 @@ def _draw(name: str, tensor: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     if tensor.ndim <= 1:
         return 0.2 * noise  # e.g. Snake activations' log-scale alpha and beta
     return noise / math.sqrt(tensor[0].numel())
+
+
+def comfyui_installation(comfyui: Path, root: Path, *, extra_vae_dir: Path | None = None) -> Path:
+    """A ComfyUI installation at `root` that runs `comfyui`'s code with its own `models/vae` (empty) and,
+    with `extra_vae_dir`, an extra_model_paths.yaml adding that folder to `vae`. Everything is linked
+    except folder_paths.py, copied: it finds `models/` beside its real path."""
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in comfyui.iterdir():
+        if entry.name in (
+            "models",
+            "extra_model_paths.yaml",
+            "user",
+            "output",
+            "input",
+            "temp",
+            "folder_paths.py",
+        ):
+            continue
+        (root / entry.name).symlink_to(entry)
+    shutil.copy(comfyui / "folder_paths.py", root / "folder_paths.py")
+    (root / "models" / "vae").mkdir(parents=True)
+    if extra_vae_dir is not None:
+        (root / "extra_model_paths.yaml").write_text(f"tests:\n    vae: {extra_vae_dir}\n")
+    return root
+
+
+@contextlib.contextmanager
+def imported_comfyui(root: Path) -> Iterator[Any]:
+    """ComfyUI's modules from `root`, imported into this process as the server does, and removed again
+    afterwards (other tests must not find a ComfyUI: the nodes would use its folders and server)."""
+    from remote_vae.local_server import comfyui_import
+
+    root, before = root.resolve(), set(sys.modules)
+    try:
+        yield comfyui_import.import_comfyui(root, cpu=True)
+    finally:
+        ours = [name for name in set(sys.modules) - before if _under(sys.modules[name], root)]
+        for name in ours:  # found first: a namespace package's path is read through its parent
+            del sys.modules[name]
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(root))
+        comfyui_import._imported = None
+
+
+def _under(module: Any, root: Path) -> bool:
+    places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]  # namespace packages
+    return any(str(place).startswith(str(root)) for place in places)

@@ -31,7 +31,7 @@ from pathlib import Path
 import requests
 
 from .net import free_port
-from .processes import stop
+from .processes import server_env, stop
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "comfyui"
@@ -182,7 +182,7 @@ def running_vae_server(
     cmd = [sys.executable, "-m", "remote_vae.local_server", "--host", "127.0.0.1", "--port", str(port), *args]
     for name, source in models.items():
         cmd += ["--model", f"{name}={source}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = server_env({"HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     with _process(cmd, REPO, log, f"{url}/health", timeout, env):
         yield url

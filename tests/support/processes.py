@@ -14,6 +14,14 @@ import requests
 from .net import free_port
 
 STARTUP_SECONDS = 180  # importing torch and diffusers on a busy 2-core machine
+COMFYUI_ENV = "REMOTE_VAE_COMFYUI_DIR"  # names the tests' ComfyUI tree, and makes a server use ComfyUI's VAE code
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a server process, without the ComfyUI directory unless `extra` sets
+    it: a server started without --comfyui serves the diffusers backend, whatever the tests' environment."""
+    env = {k: v for k, v in os.environ.items() if k != COMFYUI_ENV}
+    return {**env, **(extra or {})}
 
 
 @contextlib.contextmanager
@@ -22,7 +30,7 @@ def running_server(args: list[str], env: dict[str, str] | None = None) -> Iterat
     port = free_port()
     command = [sys.executable, "-m", "remote_vae.local_server", "--port", str(port), "--log-level", "warning", *args]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(env)
     )
     url = f"http://127.0.0.1:{port}"
     try:
