@@ -55,8 +55,8 @@ def comfy(tmp_path_factory) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def vae_file(comfy, tmp_path_factory):
-    """name -> the family's file (made once, in the installation's models/vae)."""
+def vae_file(comfy) -> Iterator:
+    """name -> the family's file (made once, in the installation's models/vae; removed afterwards: ~1.4 GB)."""
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -65,7 +65,9 @@ def vae_file(comfy, tmp_path_factory):
             made[name] = save_vae_file(comfy, FAMILIES[name], path, seed=len(made) + 1)
         return made[name]
 
-    return get
+    yield get
+    for path in made.values():
+        path.unlink(missing_ok=True)
 
 
 def reference(comfy, path: Path):
