@@ -5,7 +5,9 @@ ComfyUI runs from and serves the VAE files that ComfyUI's VAELoader loads: rando
 ComfyUI's own layouts, made by ComfyUI's own model classes (support/comfy_vaes.py; in a subprocess, so
 this process never imports ComfyUI). Every prompt (API format, through /prompt) runs a core node twice,
 once on `RemoteVAELoader`'s VAE and once on `VAELoader`'s, and the outputs are compared: VAE Decode,
-VAE Decode (Tiled), VAE Encode, VAE Encode (Tiled), VAE Encode (for Inpainting), WanImageToVideo. And the
+VAE Decode (Tiled), VAE Encode, VAE Encode (Tiled), VAE Encode (for Inpainting), InpaintModelConditioning,
+WanImageToVideo. (Not LTXVImgToVideo: 0.3.75's VAELoader drops a file's metadata, so it cannot load a
+small LTX-Video whose config is in the metadata, which the server, like later ComfyUI versions, reads.) And the
 ComfyUI that runs a RemoteVAELoader workflow loads no VAE weights: its peak memory during that prompt
 stays within MEMORY_BOUND of what it used before, where the same prompt with VAELoader grows by the VAE.
 """
@@ -288,17 +290,27 @@ def test_vae_encode_and_encode_tiled(comfy, vae_server):
     assert compare("VAE Encode (Tiled)", latents[("tiled", "remote")], latents[("tiled", "local")]) <= TILED_ENCODE_LIMIT
 
 
-def test_vae_encode_for_inpainting(comfy, vae_server):
+def test_vae_encode_for_inpainting_and_inpaint_model_conditioning(comfy, vae_server):
     p = Prompt()
-    image = p.add("LoadImage", image=IMAGE)
+    image, cond = p.add("LoadImage", image=IMAGE), p.add("RemoteVAETestConditioning")
     saves = {}
     for kind, vae in p.vaes(vae_server, "sd15_comfy").items():
         latent = p.add("VAEEncodeForInpaint", pixels=[image, 0], vae=[vae, 0], mask=[image, 1], grow_mask_by=6)
         saves[kind] = p.add("SaveLatent", samples=[latent, 0], filename_prefix=f"latents/inpaint_{kind}")
+        inpaint = p.add(
+            "InpaintModelConditioning", positive=[cond, 0], negative=[cond, 0], vae=[vae, 0], pixels=[image, 0],
+            mask=[image, 1], noise_mask=True,
+        )  # fmt: skip
+        p.add("RemoteVAETestSaveConditioning", conditioning=[inpaint, 0], name=f"inpaint_conditioning_{kind}")
+        saves[f"original_{kind}"] = p.add("SaveLatent", samples=[inpaint, 2], filename_prefix=f"latents/original_{kind}")
     entry = run_ok(comfy, p)
-    remote, local = saved_latent(comfy, entry, saves["remote"]), saved_latent(comfy, entry, saves["local"])
-    assert remote.shape == (1, 4, 6, 8)
-    assert compare("VAE Encode (for Inpainting)", remote, local) == 0.0
+    latents = {key: saved_latent(comfy, entry, node) for key, node in saves.items()}
+    assert latents["remote"].shape == (1, 4, 6, 8)
+    assert compare("VAE Encode (for Inpainting)", latents["remote"], latents["local"]) == 0.0
+    remote, local = (output(comfy, f"inpaint_conditioning_{kind}", "concat_latent_image") for kind in ("remote", "local"))
+    assert compare("InpaintModelConditioning (masked image)", remote, local) == 0.0
+    assert latents["original_remote"].shape == (1, 4, 6, 8)  # the uncropped 70x52 image, cropped by the VAE
+    assert compare("InpaintModelConditioning (image)", latents["original_remote"], latents["original_local"]) == 0.0
 
 
 def test_wan_image_to_video(comfy, vae_server):
@@ -329,3 +341,4 @@ def test_an_unknown_model_is_an_error_on_the_loader(comfy, vae_server):
     [error] = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert error["node_type"] == "RemoteVAELoader"
     assert "model 'nope' is not hosted there; hosted models: /sd15_comfy, /taesd_comfy, /wan21_comfy" in error["exception_message"]
+
