@@ -52,11 +52,15 @@ NO_WEIGHTS = "its weights stay on the server: this node needs a VAE loaded here 
 LOADER_EXAMPLE = "http://127.0.0.1:8190/sd15"
 
 
-def load_remote_vae(endpoint: str, transfer: TransferMode = "exact", timeout: int = DEFAULT_TIMEOUT) -> RemoteVAE:
+def load_remote_vae(
+    endpoint: str, transfer: TransferMode = "exact", timeout: int = DEFAULT_TIMEOUT
+) -> RemoteVAE:
     """Remote VAE Loader: the model `endpoint` names, described once by its server; nothing is loaded here."""
     endpoint = (endpoint or "").strip()
     if not endpoint:
-        raise NodeInputError(f"Remote VAE Loader needs the URL of a model on your server, such as {LOADER_EXAMPLE}")
+        raise NodeInputError(
+            f"Remote VAE Loader needs the URL of a model on your server, such as {LOADER_EXAMPLE}"
+        )
     if is_hugging_face(endpoint):
         raise NodeInputError(
             f"endpoint {endpoint} is a Hugging Face endpoint, which does not describe its model: Remote VAE Loader "
@@ -101,7 +105,9 @@ class RemoteVAE:
 
     def __repr__(self) -> str:
         m = self.model
-        return f"RemoteVAE({self.request.endpoint}: {m.dims}, {m.latent_channels} channels, {m.backend} backend)"
+        return (
+            f"RemoteVAE({self.request.endpoint}: {m.dims}, {m.latent_channels} channels, {m.backend} backend)"
+        )
 
     def __getattr__(self, name: str) -> Any:  # only for attributes not set above
         if name.startswith("__"):
@@ -177,7 +183,9 @@ class RemoteVAE:
         channels] audio -> raw latents, as VAE.encode."""
         return self._encode(pixel_samples, None)
 
-    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+    def encode_tiled(
+        self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None
+    ):
         """As `encode`, tiled by the server at `tile_x` x `tile_y` image pixels (as `decode_tiled`)."""
         side = max(tile_x or ENCODE_TILE, tile_y or ENCODE_TILE)
         return self._encode(pixel_samples, _tile(side // self.spacial_compression_encode()))
@@ -185,7 +193,9 @@ class RemoteVAE:
     def _decode(self, samples: torch.Tensor, tile_size: int | None) -> torch.Tensor:
         request = self._with_tiles(tile_size)
         if self.latent_dim == 1:
-            return self._run(lambda run: decode_audio(samples, request, self.output_channels, run), "decode").movedim(1, -1)
+            return self._run(
+                lambda run: decode_audio(samples, request, self.output_channels, run), "decode"
+            ).movedim(1, -1)
         frames = self._run(lambda run: decode_latent(samples, request, run), "decode")
         if samples.ndim == 5:  # the frames of each video, as VAE.decode gives them
             return frames.reshape(samples.shape[0], -1, *frames.shape[1:])

@@ -81,7 +81,9 @@ def describe_model(endpoint: str, *, tokens: TokenStore | None = None, timeout: 
                 raise  # the server answered: another one hosting the same model would say the same
             failures.append(exc)
     if not failures:
-        raise RemoteVAEError(repr(endpoint), "names no server", hint="enter a URL such as http://127.0.0.1:8190/sd15")
+        raise RemoteVAEError(
+            repr(endpoint), "names no server", hint="enter a URL such as http://127.0.0.1:8190/sd15"
+        )
     if len(failures) == 1:
         raise failures[0]
     raise RemoteVAEError(
@@ -95,7 +97,12 @@ def _describe_one(url: str, tokens: TokenStore, timeout: float) -> ServerModel:
     listing = _get_model_list(f"{base}/{MODELS_PATH}", tokens, timeout)
     models = listing.get("models")
     if not isinstance(models, list):
-        raise RemoteVAEError(display_url(f"{base}/{MODELS_PATH}"), "answered 200 without a model list", status=200, hint=NEEDS_OUR_SERVER)
+        raise RemoteVAEError(
+            display_url(f"{base}/{MODELS_PATH}"),
+            "answered 200 without a model list",
+            status=200,
+            hint=NEEDS_OUR_SERVER,
+        )
     wanted = name if name is not None else listing.get("default")
     for entry in models:
         if isinstance(entry, dict) and entry.get("name") == wanted:
@@ -113,11 +120,17 @@ def _get_model_list(url: str, tokens: TokenStore, timeout: float) -> dict:
     token, advice = authorization(url, where, {"tokens": tokens})
     headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
-        with thread_session().get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False) as reply:
+        with thread_session().get(
+            url, headers=headers, timeout=timeout, stream=True, allow_redirects=False
+        ) as reply:
             body = reply.raw.read(MAX_LIST_BYTES + 1, decode_content=True)
             status = reply.status_code
     except requests.Timeout:
-        raise RemoteVAEError(where, f"did not answer within {timeout:g} s", hint=f"is the server running at {server_root(url)}?") from None
+        raise RemoteVAEError(
+            where,
+            f"did not answer within {timeout:g} s",
+            hint=f"is the server running at {server_root(url)}?",
+        ) from None
     except requests.ConnectionError as exc:
         raise connection_error(where, url, exc, token) from None
     except requests.RequestException as exc:
@@ -125,15 +138,31 @@ def _get_model_list(url: str, tokens: TokenStore, timeout: float) -> dict:
     if status != 200:
         hint = NEEDS_OUR_SERVER if status == 404 else status_hint(status, token is not None, advice)
         message = server_message(body[:MAX_LIST_BYTES]) or "no message"
-        raise RemoteVAEError(where, f"answered {status}: {message}", status=status, hint=hint, retryable=status in (429, 502, 503, 504))
+        raise RemoteVAEError(
+            where,
+            f"answered {status}: {message}",
+            status=status,
+            hint=hint,
+            retryable=status in (429, 502, 503, 504),
+        )
     if len(body) > MAX_LIST_BYTES:
-        raise RemoteVAEError(where, f"answered more than {MAX_LIST_BYTES} bytes: not a model list", status=status, hint=NEEDS_OUR_SERVER)
+        raise RemoteVAEError(
+            where,
+            f"answered more than {MAX_LIST_BYTES} bytes: not a model list",
+            status=status,
+            hint=NEEDS_OUR_SERVER,
+        )
     try:
         listing = json.loads(body)
     except (ValueError, RecursionError):
         listing = None
     if not isinstance(listing, dict):
-        raise RemoteVAEError(where, "answered 200 with something that is not a JSON model list", status=status, hint=NEEDS_OUR_SERVER)
+        raise RemoteVAEError(
+            where,
+            "answered 200 with something that is not a JSON model list",
+            status=status,
+            hint=NEEDS_OUR_SERVER,
+        )
     return listing
 
 
@@ -163,7 +192,9 @@ def _server_model(entry: dict, base: str) -> ServerModel:
 
 def _geometry_of_preset(preset: object) -> dict:
     if not isinstance(preset, dict):
-        raise RemoteVAEError("/v1/models", "entry has neither a geometry nor a preset", status=200, hint=NEEDS_OUR_SERVER)
+        raise RemoteVAEError(
+            "/v1/models", "entry has neither a geometry nor a preset", status=200, hint=NEEDS_OUR_SERVER
+        )
     return {**preset, "dims": DIMS_OF_PRESET.get(preset.get("dims"), preset.get("dims"))}
 
 

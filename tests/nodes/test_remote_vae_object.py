@@ -53,7 +53,9 @@ def test_an_image_vae_answers_what_comfyui_nodes_ask(server):
     assert vae.vae_encode_crop_pixels(torch.zeros(1, 70, 52, 3)).shape == (1, 64, 48, 3)
     vae.throw_exception_if_invalid()
     # no weights, no device memory
-    assert vae.model_size() == vae.get_ram_usage() == vae.memory_used_decode((1, 4, 64, 64), torch.float32) == 0
+    assert (
+        vae.model_size() == vae.get_ram_usage() == vae.memory_used_decode((1, 4, 64, 64), torch.float32) == 0
+    )
     assert vae.device == vae.output_device == torch.device("cpu") and vae.vae_dtype == torch.float32
     with pytest.raises(AttributeError, match="has no 'first_stage_model': its weights stay on the server"):
         _ = vae.first_stage_model
@@ -96,7 +98,9 @@ def test_video_decode_gives_frames_per_video_and_encode_one_video(server, models
     samples = latent(2, 16, 2, 3, 4, seed=3)
     videos = vae.decode(samples)
     assert videos.shape == (2, 5, 24, 32, 3)  # [B,F,H,W,C], what VAE.decode gives (VAEDecode flattens it)
-    expected = torch.cat([comfy_decode(models["wan21"], samples[i : i + 1], frames_as_batch=False) for i in range(2)])
+    expected = torch.cat(
+        [comfy_decode(models["wan21"], samples[i : i + 1], frames_as_batch=False) for i in range(2)]
+    )
     torch.testing.assert_close(videos, expected, atol=EXACT_ATOL, rtol=0)
     frames = pixels(5, 16, 24, 3, seed=4)  # WanImageToVideo hands its frames so: one video
     torch.testing.assert_close(
@@ -123,7 +127,9 @@ def described_stub(entry: dict, answer: Canned):
         yield stub
 
 
-def geometry_entry(name: str, dims: str, channels: int, spatial: int, temporal: int = 1, output: int = 3) -> dict:
+def geometry_entry(
+    name: str, dims: str, channels: int, spatial: int, temporal: int = 1, output: int = 3
+) -> dict:
     geometry = {"dims": dims, "latent_channels": channels, "spatial_compression": spatial,
                 "temporal_compression": temporal, "output_channels": output, "sample_rate": None, "still_image": False}  # fmt: skip
     return {"name": name, "backend": "comfy", "geometry": geometry}
@@ -133,13 +139,20 @@ def test_tiled_calls_ask_the_server_for_tiles_of_the_given_size():
     answer = stub_servers.tensor_answer(torch.zeros(1, 3, 128, 128))
     with described_stub(geometry_entry("tiny", "image", 4, 8), answer) as stub:
         vae = load_remote_vae(stub.url + "tiny")
-        vae.decode_tiled(latent(1, 4, 16, 16), tile_x=32, tile_y=24, overlap=8)  # VAEDecodeTiled: latent pixels
+        vae.decode_tiled(
+            latent(1, 4, 16, 16), tile_x=32, tile_y=24, overlap=8
+        )  # VAEDecodeTiled: latent pixels
         vae.decode_tiled(latent(1, 4, 16, 16), tile_x=8, tile_y=8)  # below the protocol's smallest tile
         with pytest.raises(RemoteVAEError):  # the stub's answer is no latent; only the request matters here
             vae.encode_tiled(pixels(1, 128, 128, 3), tile_x=512, tile_y=512, overlap=64)  # image pixels
         vae.decode(latent(1, 4, 16, 16))
     posts = [dict(r.query_items) for r in stub.requests if r.method == "POST"]
-    assert [(p.get("tile"), p.get("tile_size")) for p in posts] == [("on", "32"), ("on", "16"), ("on", "64"), (None, None)]
+    assert [(p.get("tile"), p.get("tile_size")) for p in posts] == [
+        ("on", "32"),
+        ("on", "16"),
+        ("on", "64"),
+        (None, None),
+    ]
     assert all(p["output_dtype"] == "float32" and p["reference"] == "comfyui" for p in posts[:2])
 
 
@@ -149,11 +162,20 @@ def test_audio_decode_and_encode_travel_raw():
     audio = torch.linspace(-1, 1, 2 * 4096).reshape(1, 2, 4096)
     with described_stub(entry, stub_servers.tensor_answer(audio)) as stub:
         vae = load_remote_vae(stub.url + "stable_audio")
-        assert (vae.latent_dim, vae.audio_sample_rate, vae.output_channels, vae.temporal_compression_decode()) == (1, 44100, 2, None)
+        assert (
+            vae.latent_dim,
+            vae.audio_sample_rate,
+            vae.output_channels,
+            vae.temporal_compression_decode(),
+        ) == (1, 44100, 2, None)
         waves = vae.decode(latent(2, 64, 2))  # VAEDecodeAudio moves the channels back: [B,samples,channels]
     assert waves.shape == (2, 4096, 2) and torch.equal(waves[1], audio[0].movedim(0, -1))
     posts = [r for r in stub.requests if r.method == "POST"]
-    assert len(posts) == 2 and ("shape", "64") in posts[0].query_items and ("output_dtype", "float32") in posts[0].query_items
+    assert (
+        len(posts) == 2
+        and ("shape", "64") in posts[0].query_items
+        and ("output_dtype", "float32") in posts[0].query_items
+    )
     with described_stub(entry, stub_servers.tensor_answer(torch.ones(1, 64, 2))) as stub:
         vae = load_remote_vae(stub.url + "stable_audio")
         longer = torch.linspace(-1, 1, 2 * 4100).reshape(1, 2, 4100)
@@ -161,7 +183,9 @@ def test_audio_decode_and_encode_travel_raw():
     assert codes.shape == (1, 64, 2)
     [post] = [r for r in stub.requests if r.method == "POST"]
     sent = protocol.parse_encode_request(post.query_items, {}, post.body).tensor
-    assert torch.equal(sent, longer[:, :, 2:4098])  # cropped to the compression, centred, as comfy.sd.VAE crops
+    assert torch.equal(
+        sent, longer[:, :, 2:4098]
+    )  # cropped to the compression, centred, as comfy.sd.VAE crops
 
 
 # --------------------------------------------------------------------------- the three nodes and the server's geometry
@@ -171,7 +195,9 @@ def test_preset_auto_takes_the_geometry_the_server_describes():
     # 12 channels, 16x: no preset fits, so before the server described its models this was an error.
     answer = stub_servers.tensor_answer(torch.zeros(1, 64, 48, 3, dtype=torch.uint8))
     with described_stub(geometry_entry("odd", "image", 12, 16), answer) as stub:
-        (images,) = RemoteVAEDecode().decode({"samples": latent(1, 12, 4, 3)}, "auto", stub.url + "odd", "lossless", 300)
+        (images,) = RemoteVAEDecode().decode(
+            {"samples": latent(1, 12, 4, 3)}, "auto", stub.url + "odd", "lossless", 300
+        )
     assert images.shape == (1, 64, 48, 3)
     assert [r.method for r in stub.requests] == ["GET", "POST"]
 
@@ -188,18 +214,24 @@ def test_preset_auto_encodes_frames_as_one_video_for_a_described_video_model():
 def test_preset_auto_keeps_the_shape_guess_where_there_is_no_model_list(server, models):
     answer = stub_servers.tensor_answer(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
     with stub_servers.recorder(answer) as stub:  # answers the model list request with a tensor
-        (images,) = RemoteVAEDecode().decode({"samples": latent(1, 16, 4, 4)}, "auto", stub.url + "flux", "lossless", 300)
+        (images,) = RemoteVAEDecode().decode(
+            {"samples": latent(1, 16, 4, 4)}, "auto", stub.url + "flux", "lossless", 300
+        )
     assert images.shape == (1, 32, 32, 3)
     request = NodeRequest("auto", f"{server}/sd15")
     assert operations.with_server_model(request, "decode").model.name == "sd15"
-    assert operations.with_server_model(NodeRequest("sd15", f"{server}/sd15"), "decode").model is None  # a preset picked
+    assert (
+        operations.with_server_model(NodeRequest("sd15", f"{server}/sd15"), "decode").model is None
+    )  # a preset picked
 
 
 # --------------------------------------------------------------------------- errors
 
 
 def test_loader_input_errors_say_what_to_enter(server):
-    with pytest.raises(NodeInputError, match="needs the URL of a model on your server, such as http://127.0.0.1:8190/sd15"):
+    with pytest.raises(
+        NodeInputError, match="needs the URL of a model on your server, such as http://127.0.0.1:8190/sd15"
+    ):
         load_remote_vae("  ")
     with pytest.raises(NodeInputError, match="is not an http\\(s\\) URL"):
         load_remote_vae("gpu-box:8190/sd15")
@@ -226,7 +258,9 @@ def test_what_the_server_cannot_do_is_said_by_the_vae(server):
     vae = load_remote_vae(f"{server}/sd15")
     with pytest.raises(NodeInputError, match="takes no vae_options \\(num_chunks\\)"):
         vae.decode(latent(1, 4, 4, 4), vae_options={"num_chunks": 8000})
-    with pytest.raises(RemoteVAEError, match="answered 400") as caught:  # the server checks latents against its model
+    with pytest.raises(
+        RemoteVAEError, match="answered 400"
+    ) as caught:  # the server checks latents against its model
         vae.decode(latent(1, 16, 4, 4))
     assert "16 channels" in caught.value.server_message
 
@@ -235,7 +269,8 @@ def test_calls_are_reported_on_the_node_that_makes_them(server, monkeypatch):
     seen = []
     monkeypatch.setattr(comfy_runtime, "executing_node", lambda: "42")
     monkeypatch.setattr(
-        "remote_vae.nodes.operations.report_transfer", lambda node, transfers, seconds: seen.append((node, len(transfers)))
+        "remote_vae.nodes.operations.report_transfer",
+        lambda node, transfers, seconds: seen.append((node, len(transfers))),
     )
     load_remote_vae(f"{server}/sd15").decode(latent(1, 4, 4, 4))
     assert seen == [("42", 1)]

@@ -58,10 +58,20 @@ def test_geometry_is_read_from_the_model_list():
         default = describe_model(stub.url.rstrip("/"), tokens=TokenStore())
     assert wan == ServerModel("wan_2.1_vae", stub.url.rstrip("/"), "comfy", "video", 16, 8, 4, 3, None, False)
     assert [r.path for r in stub.requests] == ["/v1/models"] * 3
-    assert (audio.dims, audio.latent_channels, audio.output_channels, audio.sample_rate) == ("audio", 64, 2, 44100)
+    assert (audio.dims, audio.latent_channels, audio.output_channels, audio.sample_rate) == (
+        "audio",
+        64,
+        2,
+        44100,
+    )
     assert (default.name, default.dims, default.backend) == ("sd15", "image", "diffusers")  # from its preset
     preset = wan.preset()
-    assert (preset.name, preset.latent_channels, preset.dims, preset.spatial_compression) == ("wan_2.1_vae", 16, 3, 8)
+    assert (preset.name, preset.latent_channels, preset.dims, preset.spatial_compression) == (
+        "wan_2.1_vae",
+        16,
+        3,
+        8,
+    )
     assert preset.frames_for(2) == 5 and not preset.uses_mean_std  # raw latents: no scaling factors
 
 
@@ -75,7 +85,10 @@ def test_a_model_the_server_does_not_host_is_named_with_the_hosted_ones():
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
-        (stub_servers.json_error(404, "POST /v1/models: Not Found"), "answered 404: POST /v1/models: Not Found"),
+        (
+            stub_servers.json_error(404, "POST /v1/models: Not Found"),
+            "answered 404: POST /v1/models: Not Found",
+        ),
         (Canned(200, [], b"Ok"), "answered 200 with something that is not a JSON model list"),
         (Canned(200, [], b'{"data": []}'), "answered 200 without a model list"),
         (Canned(200, [], b"[" * 2_000_000), "answered more than 1048576 bytes: not a model list"),
@@ -90,14 +103,19 @@ def test_an_endpoint_without_a_model_list_says_it_needs_our_server(answer, messa
 
 def test_an_entry_without_a_usable_geometry_is_an_error():
     broken = {**WAN, "geometry": {**WAN["geometry"], "latent_channels": 0}}
-    with stub_servers.recorder(listing(broken)) as stub, pytest.raises(RemoteVAEError, match="usable geometry"):
+    with (
+        stub_servers.recorder(listing(broken)) as stub,
+        pytest.raises(RemoteVAEError, match="usable geometry"),
+    ):
         describe_model(stub.url + "wan_2.1_vae", tokens=TokenStore())
 
 
 def test_the_token_bound_to_the_server_is_sent_and_a_refusal_says_how_to_bind_one(monkeypatch):
     refused = stub_servers.json_error(401, "missing or wrong bearer token")
     with stub_servers.recorder(refused) as stub:
-        with pytest.raises(RemoteVAEError, match=r"answered 401.*Settings > Remote VAE|answered 401.*REMOTE_VAE_TOKENS"):
+        with pytest.raises(
+            RemoteVAEError, match=r"answered 401.*Settings > Remote VAE|answered 401.*REMOTE_VAE_TOKENS"
+        ):
             describe_model(stub.url + "sd15", tokens=TokenStore())
         monkeypatch.setenv(tokens.TOKENS_ENV, f"{stub.url.rstrip('/')}=s3cret-token")
         with pytest.raises(RemoteVAEError, match="refused the token"):
@@ -108,7 +126,9 @@ def test_the_token_bound_to_the_server_is_sent_and_a_refusal_says_how_to_bind_on
 
 def test_several_endpoints_the_first_that_answers_describes_the_model():
     with stub_servers.recorder(listing(WAN)) as stub:
-        model = describe_model(f"{stub_servers.refused_url()}wan_2.1_vae, {stub.url}wan_2.1_vae", tokens=TokenStore())
+        model = describe_model(
+            f"{stub_servers.refused_url()}wan_2.1_vae, {stub.url}wan_2.1_vae", tokens=TokenStore()
+        )
     assert model.server == stub.url.rstrip("/")
 
 

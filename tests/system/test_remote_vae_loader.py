@@ -118,8 +118,13 @@ def base(tmp_path_factory) -> Path:
     vae_dir.mkdir(parents=True)
     inputs.mkdir()
     pairs = [str(p) for name, family in FILES.items() for p in (family, vae_dir / f"{name}.safetensors")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-c", BUILD, str(comfyui_dir()), *pairs], env=env, check=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run(
+        [sys.executable, "-c", BUILD, str(comfyui_dir()), *pairs], env=env, check=True, timeout=600
+    )
     rgba = np.dstack([_smooth(70, 52, seed=0), np.full((52, 70), 255, np.uint8)])
     rgba[16:36, 20:44, 3] = 0  # the hole to inpaint
     Image.fromarray(rgba, "RGBA").save(inputs / IMAGE)
@@ -214,7 +219,11 @@ def round_trip(server: str | None) -> Prompt:
     image = p.add("LoadImage", image=IMAGE)
     latent = p.add("VAEEncode", pixels=[image, 0], vae=[vae, 0])
     decoded = p.add("VAEDecode", samples=[latent, 0], vae=[vae, 0])
-    p.add("RemoteVAETestSaveTensor", images=[decoded, 0], name=f"round_trip_{'local' if server is None else 'remote'}")
+    p.add(
+        "RemoteVAETestSaveTensor",
+        images=[decoded, 0],
+        name=f"round_trip_{'local' if server is None else 'remote'}",
+    )
     return p
 
 
@@ -225,7 +234,12 @@ def test_a_remote_vae_workflow_loads_no_vae_weights(comfy, vae_server):
     print(f"peak memory growth: RemoteVAELoader {remote / 2**20:.1f} MiB, VAELoader {local / 2**20:.1f} MiB")
     assert remote <= MEMORY_BOUND
     assert local >= VAE_WEIGHTS  # the measure sees a VAE being loaded
-    assert compare("VAEEncode + VAEDecode", output(comfy, "round_trip_remote"), output(comfy, "round_trip_local")) == 0.0
+    assert (
+        compare(
+            "VAEEncode + VAEDecode", output(comfy, "round_trip_remote"), output(comfy, "round_trip_local")
+        )
+        == 0.0
+    )
 
 
 # --------------------------------------------------------------------------- core nodes, remote vs local
@@ -275,19 +289,26 @@ def test_vae_encode_and_encode_tiled(comfy, vae_server):
     saves = {}
     for kind, vae in p.vaes(vae_server, "sd15_comfy").items():
         latent = p.add("VAEEncode", pixels=[image, 0], vae=[vae, 0])
-        saves[("encode", kind)] = p.add("SaveLatent", samples=[latent, 0], filename_prefix=f"latents/encode_{kind}")
+        saves[("encode", kind)] = p.add(
+            "SaveLatent", samples=[latent, 0], filename_prefix=f"latents/encode_{kind}"
+        )
     for kind, vae in p.vaes(vae_server, "taesd_comfy").items():
         latent = p.add(
             "VAEEncodeTiled", pixels=[wide, 0], vae=[vae, 0], tile_size=128, overlap=16, temporal_size=64,
             temporal_overlap=8,
         )  # fmt: skip
-        saves[("tiled", kind)] = p.add("SaveLatent", samples=[latent, 0], filename_prefix=f"latents/tiled_{kind}")
+        saves[("tiled", kind)] = p.add(
+            "SaveLatent", samples=[latent, 0], filename_prefix=f"latents/tiled_{kind}"
+        )
     entry = run_ok(comfy, p)
     latents = {key: saved_latent(comfy, entry, node) for key, node in saves.items()}
     assert latents[("encode", "remote")].shape == (1, 4, 6, 8)
     assert compare("VAE Encode", latents[("encode", "remote")], latents[("encode", "local")]) == 0.0
     assert latents[("tiled", "remote")].shape == (1, 4, 17, 25)
-    assert compare("VAE Encode (Tiled)", latents[("tiled", "remote")], latents[("tiled", "local")]) <= TILED_ENCODE_LIMIT
+    assert (
+        compare("VAE Encode (Tiled)", latents[("tiled", "remote")], latents[("tiled", "local")])
+        <= TILED_ENCODE_LIMIT
+    )
 
 
 def test_vae_encode_for_inpainting_and_inpaint_model_conditioning(comfy, vae_server):
@@ -295,22 +316,31 @@ def test_vae_encode_for_inpainting_and_inpaint_model_conditioning(comfy, vae_ser
     image, cond = p.add("LoadImage", image=IMAGE), p.add("RemoteVAETestConditioning")
     saves = {}
     for kind, vae in p.vaes(vae_server, "sd15_comfy").items():
-        latent = p.add("VAEEncodeForInpaint", pixels=[image, 0], vae=[vae, 0], mask=[image, 1], grow_mask_by=6)
+        latent = p.add(
+            "VAEEncodeForInpaint", pixels=[image, 0], vae=[vae, 0], mask=[image, 1], grow_mask_by=6
+        )
         saves[kind] = p.add("SaveLatent", samples=[latent, 0], filename_prefix=f"latents/inpaint_{kind}")
         inpaint = p.add(
             "InpaintModelConditioning", positive=[cond, 0], negative=[cond, 0], vae=[vae, 0], pixels=[image, 0],
             mask=[image, 1], noise_mask=True,
         )  # fmt: skip
         p.add("RemoteVAETestSaveConditioning", conditioning=[inpaint, 0], name=f"inpaint_conditioning_{kind}")
-        saves[f"original_{kind}"] = p.add("SaveLatent", samples=[inpaint, 2], filename_prefix=f"latents/original_{kind}")
+        saves[f"original_{kind}"] = p.add(
+            "SaveLatent", samples=[inpaint, 2], filename_prefix=f"latents/original_{kind}"
+        )
     entry = run_ok(comfy, p)
     latents = {key: saved_latent(comfy, entry, node) for key, node in saves.items()}
     assert latents["remote"].shape == (1, 4, 6, 8)
     assert compare("VAE Encode (for Inpainting)", latents["remote"], latents["local"]) == 0.0
-    remote, local = (output(comfy, f"inpaint_conditioning_{kind}", "concat_latent_image") for kind in ("remote", "local"))
+    remote, local = (
+        output(comfy, f"inpaint_conditioning_{kind}", "concat_latent_image") for kind in ("remote", "local")
+    )
     assert compare("InpaintModelConditioning (masked image)", remote, local) == 0.0
     assert latents["original_remote"].shape == (1, 4, 6, 8)  # the uncropped 70x52 image, cropped by the VAE
-    assert compare("InpaintModelConditioning (image)", latents["original_remote"], latents["original_local"]) == 0.0
+    assert (
+        compare("InpaintModelConditioning (image)", latents["original_remote"], latents["original_local"])
+        == 0.0
+    )
 
 
 def test_wan_image_to_video(comfy, vae_server):
@@ -325,7 +355,13 @@ def test_wan_image_to_video(comfy, vae_server):
         p.add("RemoteVAETestSaveConditioning", conditioning=[wan, 0], name=f"wan_{kind}")
     run_ok(comfy, p)
     remote = output(comfy, "wan_remote", "concat_latent_image")
-    assert remote.shape == (1, 16, 2, 4, 6)  # 5 frames (the start image, then grey) -> one video of 2 latent frames
+    assert remote.shape == (
+        1,
+        16,
+        2,
+        4,
+        6,
+    )  # 5 frames (the start image, then grey) -> one video of 2 latent frames
     assert compare("WanImageToVideo", remote, output(comfy, "wan_local", "concat_latent_image")) == 0.0
     assert torch.equal(output(comfy, "wan_remote", "concat_mask"), output(comfy, "wan_local", "concat_mask"))
 
@@ -340,5 +376,7 @@ def test_an_unknown_model_is_an_error_on_the_loader(comfy, vae_server):
     assert status_of(entry) == "error"
     [error] = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert error["node_type"] == "RemoteVAELoader"
-    assert "model 'nope' is not hosted there; hosted models: /sd15_comfy, /taesd_comfy, /wan21_comfy" in error["exception_message"]
-
+    assert (
+        "model 'nope' is not hosted there; hosted models: /sd15_comfy, /taesd_comfy, /wan21_comfy"
+        in error["exception_message"]
+    )
