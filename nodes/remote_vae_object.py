@@ -66,6 +66,7 @@ def load_remote_vae(
             f"endpoint {endpoint} is a Hugging Face endpoint, which does not describe its model: Remote VAE Loader "
             "needs a remote-vae server; for Hugging Face use Remote VAE Decode / Encode with a preset"
         )
+    _check_transfer(transfer)
     request = NodeRequest(AUTO, endpoint, transfer, timeout)
     conn = Connection.for_request(request, None, "decode", RunOptions())  # checks the URL, timeout and tokens
     model = describe_model(endpoint, tokens=conn.tokens, timeout=min(CONNECT_TIMEOUT * 3, float(timeout)))
@@ -76,8 +77,7 @@ class RemoteVAE:
     """Stands in for `comfy.sd.VAE`; decode and encode run on the server that hosts `model`."""
 
     def __init__(self, request: NodeRequest, model: ServerModel) -> None:
-        if request.transfer not in TRANSFER_LOADER:
-            raise NodeInputError(f"transfer {request.transfer!r} is not one of {', '.join(TRANSFER_LOADER)}")
+        _check_transfer(request.transfer)
         self.model = model
         self.request = replace(request, preset=AUTO, model=model.preset())
         audio, video = model.dims == "audio", model.dims == "video"
@@ -217,6 +217,11 @@ class RemoteVAE:
         """One call, reported on the node that made it (its progress bar, transfer event, Cancel)."""
         node_id = comfy_runtime.executing_node()
         return run_node(node_id, lambda: remote(RunOptions(node_id=node_id)), None, what)
+
+
+def _check_transfer(transfer: str) -> None:
+    if transfer not in TRANSFER_LOADER:
+        raise NodeInputError(f"transfer {transfer!r} is not one of {', '.join(TRANSFER_LOADER)}")
 
 
 def _tile(side: int) -> int:
