@@ -51,6 +51,12 @@ def progress_bar(total: int, node_id: str | None) -> Any:
     return bar(total, node_id=node_id) if bar else _NoProgress()
 
 
+def executing_node() -> str | None:
+    """The id of the node ComfyUI is running now (e.g. a core node calling a Remote VAE Loader's VAE)."""
+    get = getattr(_module("comfy_execution.utils"), "get_executing_context", None)
+    return getattr(get() if get else None, "node_id", None)
+
+
 def tokens_file() -> Path | None:
     """Where the settings entry keeps server tokens: `<ComfyUI user directory>/remote_vae/tokens.json`,
     beside (not inside) the per-user folders ComfyUI serves back to the browser; None outside ComfyUI."""

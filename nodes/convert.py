@@ -26,27 +26,35 @@ SAME_MODEL = "check that the endpoint URL and the preset name the same model"
 # --------------------------------------------------------------------------- decode
 
 
-# Our server's request extension: where ComfyUI's VAE code differs from diffusers' (HunyuanVideo's
-# mid-block attention), decode and encode like ComfyUI does. Other endpoints ignore it.
-COMFYUI = protocol.Extensions(reference="comfyui")
-COMFYUI_FLOAT32 = protocol.Extensions(output_dtype="float32", reference="comfyui")
+def extensions(*, float32: bool = False, tile_size: int | None = None) -> protocol.Extensions:
+    """Our request extensions on every node request: `reference=comfyui` (where ComfyUI's VAE code differs
+    from diffusers', HunyuanVideo's mid-block attention, the server decodes and encodes like ComfyUI),
+    float32 answers for `exact`, and tiles of `tile_size` latent pixels made by the server (VAE Decode
+    (Tiled) / VAE Encode (Tiled) on a Remote VAE Loader's VAE). Other endpoints ignore them."""
+    return protocol.Extensions(
+        output_dtype="float32" if float32 else None,
+        tile="on" if tile_size else "auto",
+        tile_size=tile_size,
+        reference="comfyui",
+    )
 
 
-def decode_request(latent: torch.Tensor, transfer: TransferMode) -> protocol.WireRequest:
+def decode_request(latent: torch.Tensor, transfer: TransferMode, tile_size: int | None = None) -> protocol.WireRequest:
     """The request for one chunk of raw latents: scaling off, output form chosen by `transfer`."""
     if latent.dtype not in SEND_DTYPES:
         latent = latent.float()
+    plain = extensions(tile_size=tile_size)
     if transfer == "lossless":
         return protocol.build_decode_request(
-            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extensions=COMFYUI
+            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extensions=plain
         )
     if transfer == "exact":
         return protocol.build_decode_request(
-            latent, output_type="pt", do_scaling=False, extensions=COMFYUI_FLOAT32
+            latent, output_type="pt", do_scaling=False, extensions=extensions(float32=True, tile_size=tile_size)
         )
     if transfer == "compact":
         return protocol.build_decode_request(
-            latent, output_type="pil", image_format="jpg", do_scaling=False, extensions=COMFYUI
+            latent, output_type="pil", image_format="jpg", do_scaling=False, extensions=plain
         )
     raise ValueError(f"transfer {transfer!r} is not one of lossless, exact, compact")
 
@@ -99,13 +107,14 @@ def crop_pixels(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def encode_request(
-    pixels: torch.Tensor, transfer: TransferMode, as_video: bool, as_png: bool = False
+    pixels: torch.Tensor, transfer: TransferMode, as_video: bool, as_png: bool = False, tile_size: int | None = None
 ) -> protocol.WireRequest:
     """The request for IMAGE pixels [B,H,W,3]: uint8 NHWC (lossless) or float32 NCHW in [-1,1] (exact).
 
     `as_video`: the images are the frames of one video; the float form is then [1,3,F,H,W].
     `as_png`: one image as a PNG file instead of a raw tensor (lossless too): the input the Hugging Face
     encode endpoints were tested with (diffusers sends PIL images so), where raw uint8 is untested.
+    `tile_size`: the server encodes in tiles of that many latent pixels.
     """
     if as_png and transfer == "lossless":
         if pixels.shape[0] != 1:
@@ -119,7 +128,7 @@ def encode_request(
             wire = wire.movedim(1, 0).unsqueeze(0)
     else:
         raise ValueError(f"transfer {transfer!r} is not one of lossless, exact")
-    return protocol.build_encode_request(wire, extensions=COMFYUI)
+    return protocol.build_encode_request(wire, extensions=extensions(tile_size=tile_size))
 
 
 def _png(image: torch.Tensor) -> bytes:
@@ -158,6 +167,33 @@ def latent_from_reply(
     if not tensor.is_floating_point():
         raise reply.unexpected(
             f"but it holds {protocol.dtype_name(tensor.dtype)} values where a float latent was expected",
+            SAME_MODEL,
+        )
+    return tensor.float()
+
+
+# --------------------------------------------------------------------------- audio (a Remote VAE Loader's VAE)
+
+
+def audio_request(waveform: torch.Tensor, tile_size: int | None = None) -> protocol.WireRequest:
+    """The encode request for audio [B,channels,samples]: float32 as it is (docs/protocol.md: audio is raw)."""
+    return protocol.build_encode_request(waveform.float().contiguous(), extensions=extensions(tile_size=tile_size))
+
+
+def audio_from_reply(reply: Reply, channels: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """Audio [B,channels,samples] float32 from a decode reply to latents of `latent_shape`."""
+    batch = latent_shape[0]
+    meaning = f"a latent of shape {list(latent_shape)} decodes to audio [{batch},{channels},samples]"
+    return reply.tensor([batch, channels, None], dtype=FLOAT, meaning=meaning, hint=SAME_MODEL).float()
+
+
+def audio_latent_from_reply(reply: Reply, channels: int, audio_shape: Sequence[int]) -> torch.Tensor:
+    """Audio latents [B,C,...] float32 from an encode reply to audio of `audio_shape`."""
+    tensor = reply.tensor(dtype=FLOAT)
+    if tensor.ndim < 3 or tensor.shape[0] != audio_shape[0] or tensor.shape[1] != channels:
+        raise reply.unexpected(
+            f"but it holds {list(tensor.shape)} where audio of shape {list(audio_shape)} encodes to "
+            f"[{audio_shape[0]},{channels},...]",
             SAME_MODEL,
         )
     return tensor.float()

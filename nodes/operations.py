@@ -8,16 +8,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
 from ..remote import protocol
+from ..remote.catalog import describe_model
 from ..remote.errors import RemoteVAECancelled, RemoteVAEError
 from ..remote.presets import PRESETS, Preset
 from ..remote.reply import Reply, Transfer
-from ..remote.sending import send
+from ..remote.sending import send, split_endpoints
 from ..remote.tokens import TokenError, TokenStore
 from . import comfy_runtime
 from .choices import (
@@ -31,6 +32,9 @@ from .choices import (
 )
 from .chunking import MAX_PARALLEL, PIXEL_BUDGET, plan_chunks, run_in_order
 from .convert import (
+    audio_from_reply,
+    audio_latent_from_reply,
+    audio_request,
     crop_pixels,
     decode_request,
     decoded_size,
@@ -41,6 +45,7 @@ from .convert import (
 from .fallback import local_decode, local_encode
 from .resolve import (
     NodeInputError,
+    check_layout,
     decode_preset,
     encode_preset,
     endpoint_url,
@@ -62,10 +67,36 @@ class NodeRequest:
     transfer: TransferMode = "lossless"
     timeout: int = DEFAULT_TIMEOUT
     video_only: bool = False  # Remote Video Decode: video latents only, and no JPEG
+    # The server's own description of its model (a Remote VAE Loader's VAE; preset auto with a URL): it
+    # wins over the preset table, which has no row for the server's comfy-backend models.
+    model: Preset | None = None
+    tile_size: int | None = None  # the server decodes/encodes in tiles of this many latent pixels a side
 
     @property
     def has_endpoint(self) -> bool:
         return bool((self.endpoint or "").strip())
+
+
+def with_server_model(request: NodeRequest, operation: protocol.Operation) -> NodeRequest:
+    """Preset auto with a URL: the model as its server describes it (GET /v1/models). Endpoints without a
+    model list (Hugging Face's, other servers) keep the guess from the latent's shape; a server that
+    cannot be reached at all is an error here already."""
+    endpoints = split_endpoints(request.endpoint or "")
+    if request.preset != AUTO or request.model is not None or not endpoints or any(map(is_hugging_face, endpoints)):
+        return request
+    endpoint_url(request.endpoint, None, operation)  # a URL that is not one says so before anything is sent
+    try:
+        tokens = comfy_runtime.local_tokens()
+    except TokenError:
+        return request  # Connection.for_request says what is wrong with the configuration
+    try:
+        model = describe_model(request.endpoint, tokens=tokens, timeout=min(CONNECT_TIMEOUT, float(request.timeout)))
+    except RemoteVAEError as exc:
+        if exc.status is None:
+            raise
+        comfy_runtime.log.debug("%s: the preset is guessed from the shape", exc)
+        return request
+    return replace(request, model=model.preset())
 
 
 @dataclass(frozen=True)
@@ -156,8 +187,10 @@ def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions =
     shape = list(samples.shape)
     transfer = request.transfer
     _check_transfer(transfer, TRANSFER_VIDEO if request.video_only else TRANSFER_DECODE)
+    check_layout(shape, video_only=request.video_only)
+    request = with_server_model(request, "decode")
     chosen = decode_preset(
-        request.preset, shape, has_endpoint=request.has_endpoint, video_only=request.video_only
+        request.preset, shape, has_endpoint=request.has_endpoint, video_only=request.video_only, described=request.model
     )
     if transfer == "compact" and len(shape) == 5:
         raise NodeInputError(
@@ -171,7 +204,7 @@ def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions =
     jobs = [
         _job(
             conn,
-            partial(decode_request, part, transfer),
+            partial(decode_request, part, transfer, request.tile_size),
             partial(image_from_reply, transfer=transfer, preset=chosen, latent_shape=list(part.shape)),
         )
         for part in parts
@@ -188,7 +221,8 @@ def encode_image(pixels: torch.Tensor, request: NodeRequest, run: RunOptions = R
         raise NodeInputError(f"IMAGE of shape {list(pixels.shape)} is not [B,H,W,3] (or 4 with alpha)")
     transfer = request.transfer
     _check_transfer(transfer, TRANSFER_ENCODE)
-    chosen = encode_preset(request.preset, has_endpoint=request.has_endpoint)
+    request = with_server_model(request, "encode")
+    chosen = request.model or encode_preset(request.preset, has_endpoint=request.has_endpoint)
     conn = Connection.for_request(request, chosen, "encode", run)
     multiple = chosen.spatial_compression if chosen else SMALLEST_COMPRESSION
     pixels = crop_pixels(pixels[:, :, :, :3], multiple)
@@ -209,7 +243,7 @@ def encode_image(pixels: torch.Tensor, request: NodeRequest, run: RunOptions = R
     jobs = [
         _job(
             conn,
-            partial(encode_request, part, transfer, as_video, as_png),
+            partial(encode_request, part, transfer, as_video, as_png, request.tile_size),
             partial(
                 latent_from_reply,
                 preset=chosen,
@@ -221,6 +255,47 @@ def encode_image(pixels: torch.Tensor, request: NodeRequest, run: RunOptions = R
         for part in parts
     ]
     return _run(jobs, run)
+
+
+# --------------------------------------------------------------------------- audio (a Remote VAE Loader's VAE)
+
+
+def decode_audio(samples: torch.Tensor, request: NodeRequest, channels: int, run: RunOptions = RunOptions()) -> Outcome:
+    """Audio latents -> audio [B,channels,samples] (float32, raw), one request per item."""
+    return _per_item(
+        samples, request, run, "decode",
+        build=lambda item: decode_request(item, "exact", request.tile_size),
+        read=lambda reply, shape: audio_from_reply(reply, channels, shape),
+    )  # fmt: skip
+
+
+def encode_audio(waveform: torch.Tensor, request: NodeRequest, run: RunOptions = RunOptions()) -> Outcome:
+    """Audio [B,channels,samples] -> its latents (float32), one request per item."""
+    channels = _described(request).latent_channels
+    return _per_item(
+        waveform, request, run, "encode",
+        build=lambda item: audio_request(item, request.tile_size),
+        read=lambda reply, shape: audio_latent_from_reply(reply, channels, shape),
+    )  # fmt: skip
+
+
+def _per_item(
+    items: torch.Tensor,
+    request: NodeRequest,
+    run: RunOptions,
+    operation: protocol.Operation,
+    build: Callable[[torch.Tensor], protocol.WireRequest],
+    read: Callable[[Reply, list[int]], torch.Tensor],
+) -> Outcome:
+    conn = Connection.for_request(request, _described(request), operation, run)
+    parts = [items[i : i + 1] for i in range(items.shape[0])]
+    return _run([_job(conn, partial(build, part), partial(read, shape=list(part.shape))) for part in parts], run)
+
+
+def _described(request: NodeRequest) -> Preset:
+    if request.model is None:
+        raise NodeInputError("audio is sent only to a model its server has described: use Remote VAE Loader")
+    return request.model
 
 
 # --------------------------------------------------------------------------- what the nodes call

@@ -25,12 +25,9 @@ class NodeInputError(ValueError):
     """A widget value that cannot work; the message names it and the fix."""
 
 
-def decode_preset(name: str, shape: Sequence[int], *, has_endpoint: bool, video_only: bool = False) -> Preset:
-    """The preset a LATENT is decoded with.
-
-    "auto" must be unambiguous only when the preset picks the endpoint: with a URL entered, any preset that
-    fits the shape will do, as long as they agree on the output size.
-    """
+def check_layout(shape: Sequence[int], *, video_only: bool = False) -> None:
+    """A LATENT the decode nodes can take: images [B,C,H,W] or videos [B,C,T,H,W] (videos only for Remote
+    Video Decode)."""
     shape = list(shape)
     if len(shape) not in (4, 5):
         raise NodeInputError(
@@ -40,6 +37,22 @@ def decode_preset(name: str, shape: Sequence[int], *, has_endpoint: bool, video_
         raise NodeInputError(
             f"Remote Video Decode takes video latents [B,C,T,H,W]; this one is {shape}: use Remote VAE Decode"
         )
+
+
+def decode_preset(
+    name: str, shape: Sequence[int], *, has_endpoint: bool, video_only: bool = False, described: Preset | None = None
+) -> Preset:
+    """The preset a LATENT is decoded with.
+
+    `described`: the server's own description of its model, which wins (the server checks the latent
+    against it and says what does not fit). Else "auto" must be unambiguous only when the preset picks
+    the endpoint: with a URL entered, any preset that fits the shape will do, as long as they agree on
+    the output size.
+    """
+    shape = list(shape)
+    check_layout(shape, video_only=video_only)
+    if described is not None:
+        return described
     if name != AUTO:
         preset = get_preset(name)
         check_latent(preset, shape)

@@ -1,4 +1,4 @@
-"""The three ComfyUI nodes (classic V1 contract). Thin: the work is in `operations`."""
+"""The ComfyUI nodes (classic V1 contract). Thin: the work is in `operations` and `remote_vae_object`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .choices import (
     MIN_TIMEOUT,
     TRANSFER_DECODE,
     TRANSFER_ENCODE,
+    TRANSFER_LOADER,
     TRANSFER_VIDEO,
     preset_choices,
 )
@@ -24,21 +25,16 @@ TIMEOUT_TIP = "Seconds the whole remote call may take, retries included (a cold 
 VAE_TIP = "Optional local VAE: used, with a warning, when the remote server fails."
 
 
+def _timeout_input() -> tuple:
+    return ("INT", {"default": DEFAULT_TIMEOUT, "min": MIN_TIMEOUT, "max": MAX_TIMEOUT, "step": 1, "tooltip": TIMEOUT_TIP})
+
+
 def _connection_inputs(transfers: tuple[str, ...], presets: list[str], transfer_tip: str) -> dict:
     return {
         "preset": (presets, {"default": presets[0], "tooltip": PRESET_TIP}),
         "endpoint": ("STRING", {"default": "", "tooltip": ENDPOINT_TIP}),
         "transfer": (list(transfers), {"default": transfers[0], "tooltip": transfer_tip}),
-        "timeout": (
-            "INT",
-            {
-                "default": DEFAULT_TIMEOUT,
-                "min": MIN_TIMEOUT,
-                "max": MAX_TIMEOUT,
-                "step": 1,
-                "tooltip": TIMEOUT_TIP,
-            },
-        ),
+        "timeout": _timeout_input(),
     }
 
 
@@ -135,13 +131,53 @@ class RemoteVAEEncode(_RemoteNode, spec=ENCODE):
         return (encode_node(unique_id, pixels, vae, self._request(preset, endpoint, transfer, timeout)),)
 
 
+LOADER_ENDPOINT_TIP = (
+    "URL of one model on your remote-vae server, such as http://127.0.0.1:8190/sd15 (several servers hosting "
+    "it: separate them with commas). A server's token is bound to its address in Settings > Remote VAE."
+)
+LOADER_TRANSFER_TIP = (
+    "exact: float32 both ways, the same result as loading the file here; lossless: 8-bit pixels (decode "
+    "answers a quarter of the size, encode inputs rounded to 8 bits)."
+)
+
+
+class RemoteVAELoader:
+    """A VAE that lives on the server: the node asks it for the model's shapes once and loads nothing."""
+
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "A VAE that runs on a remote-vae server: connect it to any node that takes a VAE (VAE Decode, VAE Encode, "
+        "the tiled and inpainting ones, WanImageToVideo, ...). Loads no weights here."
+    )
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("The server's VAE: decode and encode run there.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "endpoint": ("STRING", {"default": "", "tooltip": LOADER_ENDPOINT_TIP}),
+                "transfer": (list(TRANSFER_LOADER), {"default": TRANSFER_LOADER[0], "tooltip": LOADER_TRANSFER_TIP}),
+                "timeout": _timeout_input(),
+            }
+        }
+
+    def load(self, endpoint, transfer, timeout):
+        from .remote_vae_object import load_remote_vae
+
+        return (load_remote_vae(endpoint, transfer, timeout),)
+
+
 NODE_CLASS_MAPPINGS = {
     "RemoteVAEDecode": RemoteVAEDecode,
     "RemoteVAEEncode": RemoteVAEEncode,
     "RemoteVideoDecode": RemoteVideoDecode,
+    "RemoteVAELoader": RemoteVAELoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RemoteVAEDecode": "Remote VAE Decode",
     "RemoteVAEEncode": "Remote VAE Encode",
     "RemoteVideoDecode": "Remote Video Decode",
+    "RemoteVAELoader": "Remote VAE Loader",
 }

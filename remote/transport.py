@@ -524,7 +524,7 @@ def send_one(
                 hint="check the https URL and certificate",
             ) from None
         except requests.ConnectionError as exc:
-            error = _connection_error(where, endpoint, exc, token)
+            error = connection_error(where, endpoint, exc, token)
             delay = backoff_seconds(backoff, attempt)
         except (
             requests.exceptions.InvalidURL,
@@ -586,7 +586,7 @@ _UNKNOWN_HOST = (
 )
 
 
-def _connection_error(
+def connection_error(
     where: str, endpoint: str, exc: requests.ConnectionError, token: str | None
 ) -> RemoteVAEError:
     text = str(exc)

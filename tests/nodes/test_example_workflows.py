@@ -36,6 +36,8 @@ NODE_KEYS = {
     "widgets_values",
 }
 OUR_WIDGETS = ["preset", "endpoint", "transfer", "timeout"]
+LOADER = "RemoteVAELoader"
+LOADER_WIDGETS = ["endpoint", "transfer", "timeout"]
 
 
 def load(path: Path) -> dict:
@@ -43,7 +45,8 @@ def load(path: Path) -> dict:
 
 
 def ours(workflow: dict) -> list[dict]:
-    return [node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS]
+    """Our decode and encode nodes (those with a preset); the loader is checked on its own."""
+    return [node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS and node["type"] != LOADER]
 
 
 def test_the_promised_examples_are_there():
@@ -54,6 +57,7 @@ def test_the_promised_examples_are_there():
         "sd15_remote_vae_decode",
         "sdxl_remote_vae_decode",
         "self_hosted_remote_vae",
+        "wan21_i2v_remote_vae_loader",
         "wan21_remote_decode",
     ]
     uses = {(node["type"], node["widgets_values"][0]) for path in WORKFLOWS for node in ours(load(path))}
@@ -173,3 +177,18 @@ def test_links_run_left_to_right(path):
         if saved_box(nodes[src])[2] >= saved_box(nodes[dst])[0]
     ]
     assert backwards == [], f"{path.stem}: these links run right to left"
+
+
+def test_the_loader_example_feeds_core_nodes_from_a_hosted_file():
+    workflow = load(FOLDER / "wan21_i2v_remote_vae_loader.json")
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    [loader] = [node for node in nodes.values() if node["type"] == LOADER]
+    spec = NODE_CLASS_MAPPINGS[LOADER].INPUT_TYPES()["required"]
+    values = dict(zip(LOADER_WIDGETS, loader["widgets_values"]))
+    assert len(loader["widgets_values"]) == len(LOADER_WIDGETS) and loader["inputs"] == []
+    assert values["endpoint"] == "http://127.0.0.1:8190/wan_2.1_vae"  # ComfyUI's file name, as a --comfyui server names it
+    assert values["transfer"] == "exact" and values["transfer"] in spec["transfer"][0]
+    assert spec["timeout"][1]["min"] <= values["timeout"] <= spec["timeout"][1]["max"]
+    assert loader["outputs"][0]["type"] == "VAE" and loader["properties"]["Node name for S&R"] == LOADER
+    fed = {nodes[dst]["type"] for _, src, _, dst, _, _ in workflow["links"] if src == loader["id"]}
+    assert fed == {"WanImageToVideo", "VAEDecode"}

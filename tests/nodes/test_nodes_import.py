@@ -57,11 +57,12 @@ def test_pack_imports_without_comfyui_server_extra_or_torch():
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen["nodes"] == ["RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode"]
+    assert seen["nodes"] == ["RemoteVAEDecode", "RemoteVAEEncode", "RemoteVAELoader", "RemoteVideoDecode"]
     assert seen["names"] == {
         "RemoteVAEDecode": "Remote VAE Decode",
         "RemoteVAEEncode": "Remote VAE Encode",
         "RemoteVideoDecode": "Remote Video Decode",
+        "RemoteVAELoader": "Remote VAE Loader",
     }
     assert seen["web"] == "./web"
     assert seen["categories"] == ["latent/remote"]
@@ -69,6 +70,7 @@ def test_pack_imports_without_comfyui_server_extra_or_torch():
         "RemoteVAEDecode": ["IMAGE"],
         "RemoteVAEEncode": ["LATENT"],
         "RemoteVideoDecode": ["IMAGE"],
+        "RemoteVAELoader": ["VAE"],
     }
     assert seen["routes_loaded"] is False  # no ComfyUI `server` module: the web routes are skipped
     assert seen["heavy"] == []
@@ -111,11 +113,25 @@ def test_encode_inputs():
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
 
 
+def test_loader_inputs():
+    spec = _widgets("RemoteVAELoader")
+    assert list(spec["required"]) == ["endpoint", "transfer", "timeout"]
+    assert set(spec) == {"required"}  # no token input, no preset: the server describes its model
+    assert spec["required"]["endpoint"][1]["default"] == ""
+    assert spec["required"]["transfer"][0] == ["exact", "lossless"]
+    assert spec["required"]["transfer"][1]["default"] == "exact"  # equal to the file loaded locally
+    timeout = spec["required"]["timeout"]
+    assert timeout[0] == "INT" and timeout[1]["default"] == 300 and timeout[1]["min"] == 5
+    loader = NODE_CLASS_MAPPINGS["RemoteVAELoader"]
+    assert loader.RETURN_TYPES == ("VAE",) and loader.CATEGORY == "latent/remote"
+
+
 def test_display_names_and_functions():
     assert NODE_DISPLAY_NAME_MAPPINGS == {
         "RemoteVAEDecode": "Remote VAE Decode",
         "RemoteVAEEncode": "Remote VAE Encode",
         "RemoteVideoDecode": "Remote Video Decode",
+        "RemoteVAELoader": "Remote VAE Loader",
     }
     for cls in NODE_CLASS_MAPPINGS.values():
         assert callable(getattr(cls(), cls.FUNCTION))

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import requests
@@ -199,11 +199,12 @@ def _process(cmd: list[str], cwd: Path, log: Path, ready_url: str, timeout: floa
 
 @contextlib.contextmanager
 def running_vae_server(
-    models: dict[str, Path | str], log: Path, timeout: float = STARTUP_TIMEOUT
+    models: dict[str, Path | str], log: Path, timeout: float = STARTUP_TIMEOUT, args: Sequence[str] = ()
 ) -> Iterator[str]:
-    """Our VAE server (`python -m remote_vae.local_server`) hosting `models` (name -> source); yields its base URL."""
+    """Our VAE server (`python -m remote_vae.local_server`) hosting `models` (name -> source), with more
+    command-line `args` (e.g. `--comfyui DIR`); yields its base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "remote_vae.local_server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "remote_vae.local_server", "--host", "127.0.0.1", "--port", str(port), *args]
     for name, source in models.items():
         cmd += ["--model", f"{name}={source}"]
     env = server_env({"HF_HUB_OFFLINE": "1"})
@@ -218,10 +219,11 @@ def running_vae_server(
 class ComfyUI:
     """A running ComfyUI: its URL and directories, and the few API calls tests need."""
 
-    def __init__(self, url: str, base: Path, log: Path):
+    def __init__(self, url: str, base: Path, log: Path, pid: int | None = None):
         self.url = url
         self.base = base
         self.log = log
+        self.pid = pid  # of the ComfyUI process
         self.input_dir = base / "input"
         self.output_dir = base / "output"
         self.client_id = uuid.uuid4().hex
@@ -310,8 +312,8 @@ def running_comfyui(
         cmd += ["--front-end-root", str(front_end_root)]
     log = base / "comfyui.log"
     url = f"http://127.0.0.1:{port}"
-    with _process(cmd, root, log, f"{url}/object_info/SaveImage", timeout):
-        yield ComfyUI(url, base, log)
+    with _process(cmd, root, log, f"{url}/object_info/SaveImage", timeout) as process:
+        yield ComfyUI(url, base, log, process.pid)
 
 
 class EventListener:

@@ -150,7 +150,11 @@ def run_ok(comfy, prompt: Prompt) -> dict:
 
 def test_object_info_lists_our_nodes(comfy):
     info = comfy.object_info()
-    for node_type in NODE_CLASS_MAPPINGS:
+    assert set(NODE_CLASS_MAPPINGS) <= set(info)
+    loader = info["RemoteVAELoader"]
+    assert loader["display_name"] == "Remote VAE Loader" and loader["category"] == "latent/remote"
+    assert loader["input_order"] == {"required": ["endpoint", "transfer", "timeout"]} and loader["output"] == ["VAE"]
+    for node_type in ("RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode"):
         node = info[node_type]
         assert node["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
         assert node["category"] == "latent/remote"

@@ -69,7 +69,7 @@ def test_the_pack_loads_from_the_registry_archive_alone(tmp_path):
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-        assert set(module.NODE_CLASS_MAPPINGS) == {"RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode"}
+        assert set(module.NODE_CLASS_MAPPINGS) == {"RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode", "RemoteVAELoader"}
         assert (pack / module.WEB_DIRECTORY / "remote_vae.js").is_file()
     finally:
         for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
