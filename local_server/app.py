@@ -214,8 +214,8 @@ class JobEndpoints:
             latent = prepare_latent(hosted.preset, req.tensor, req.height, req.width)
         except PresetError as exc:
             raise PresetError(self._for_model(hosted, exc, req.tensor.shape)) from None
-        preset = hosted.preset
-        if hosted.geometry.audio:  # [B,C,L] -> [B,channels,L*s]
+        preset, audio = hosted.preset, hosted.geometry.audio
+        if audio:  # [B,C,L] -> [B,channels,L*s]: its size and memory
             self._check_audio(hosted, DECODE, tuple(latent.shape), body)
         else:
             frames = preset.frames_for(latent.shape[2]) if latent.ndim == 5 else 1
@@ -223,7 +223,7 @@ class JobEndpoints:
             self.limits.check_output(latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial)
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
-        if not hosted.geometry.audio:
+        if not audio:
             need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
             self.limits.check_memory(need, hosted.device)
         return latent, spec
@@ -265,16 +265,15 @@ class JobEndpoints:
         """The limits of the audio [B,channels,samples] a decode of latents [B,C,L] (`shape`) makes, or an
         encode of audio (`shape`) receives; the memory estimate is the backend's once it is loaded."""
         geometry, dtype = hosted.geometry, hosted.dtype
-        step, decode = geometry.spatial_compression, op is DECODE
-        batch, channels = shape[0], geometry.output_channels
-        samples = shape[2] * step if decode else shape[2]
-        self.limits.check_audio(batch, channels, samples)
-        clip = (1, *shape[1:])
-        if hosted.backend is None:
+        step = geometry.spatial_compression
+        samples = shape[2] * step if op is DECODE else shape[2]
+        audio = (shape[0], geometry.output_channels, samples)
+        self.limits.check_audio(*audio)
+        if hosted.backend is None:  # not loaded yet
             per_clip = memory.audio_bytes(samples, dtype)
         else:
-            per_clip = op.estimate(hosted.backend, clip, dtype)
-        need = memory.audio_footprint((batch, channels, samples), per_clip, samples // step, dtype, hosted.device, body)
+            per_clip = op.estimate(hosted.backend, (1, *shape[1:]), dtype)
+        need = memory.audio_footprint(audio, per_clip, samples // step, dtype, hosted.device, body)
         self.limits.check_memory(need, hosted.device)
 
     def _pixel_check(self, hosted: HostedModel, body: int) -> PixelCheck:
