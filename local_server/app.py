@@ -27,13 +27,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..remote import protocol
-from ..remote.presets import PresetError, candidates_for
+from ..remote.presets import PresetError
 from ..remote.protocol import Operation, ProtocolError
 from . import memory, postprocess
 from .auth import RequireToken, is_authorized
+from .backends.base import Shape
 from .errors import DeadlineExceeded, ServerError, error_response
-from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner
-from .latents import Factors, check_scaling, prepare_latent, preset_factors
+from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner, Op
+from .latents import Factors, check_scaling, latent_fits, prepare_latent, preset_factors
 from .limits import Admission, Limits
 from .metrics import Metrics, server_metrics
 from .postprocess import OutputSpec, PixelCheck
@@ -213,14 +214,18 @@ class JobEndpoints:
             latent = prepare_latent(hosted.preset, req.tensor, req.height, req.width)
         except PresetError as exc:
             raise PresetError(self._for_model(hosted, exc, req.tensor.shape)) from None
-        preset = hosted.preset
-        frames = preset.frames_for(latent.shape[2]) if latent.ndim == 5 else 1
-        spatial = preset.spatial_compression
-        self.limits.check_output(latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial)
+        preset, audio = hosted.preset, hosted.geometry.audio
+        if audio:  # [B,C,L] -> [B,channels,L*s]: its size and memory
+            self._check_audio(hosted, DECODE, tuple(latent.shape), body)
+        else:
+            frames = preset.frames_for(latent.shape[2]) if latent.ndim == 5 else 1
+            spatial = preset.spatial_compression
+            self.limits.check_output(latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial)
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
-        need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
-        self.limits.check_memory(need, hosted.device)
+        if not audio:
+            need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
+            self.limits.check_memory(need, hosted.device)
         return latent, spec
 
     def _factors(self, hosted: HostedModel) -> Factors:
@@ -232,19 +237,44 @@ class JobEndpoints:
         req = protocol.parse_encode_request(request.query_params.multi_items(), request.headers, None)
         if req.tensor is not None:  # an image file's size is known from its header, once it is read
             self.limits.check_body(nbytes(req.tensor))
-            postprocess.encoder_input(req, hosted.preset, self._pixel_check(hosted, nbytes(req.tensor)))
+            self._encoder_input(hosted, req, nbytes(req.tensor))
             check_declared_length(request, req.tensor)
+        elif hosted.geometry.audio:  # an image file, refused before it is read
+            postprocess.audio_input(req, hosted.name, hosted.geometry)
 
     async def _encode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         on_cpu = self.models.workers.on_cpu
         req = await on_cpu(protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body)
         out_dtype = req.extensions.torch_output_dtype(protocol.DTYPES["float32"])
-        pixels = await on_cpu(postprocess.encoder_input, req, hosted.preset, self._pixel_check(hosted, len(body)))
+        pixels = await on_cpu(self._encoder_input, hosted, req, len(body))
         ex.shape = list(pixels.shape)
         job = Job(ENCODE, hosted, req.scaling, out_dtype, JobOptions.from_extensions(req.extensions))
         latents, ex.stats = await self.jobs.run(job, pixels)
         content, headers = protocol.tensor_response(latents)  # tensor/binary even for Accept: */*
         return Response(content, headers=headers)
+
+    def _encoder_input(self, hosted: HostedModel, req: protocol.EncodeRequest, body: int) -> torch.Tensor:
+        """The request's pixels (or audio) as the encoder takes them, checked against the limits."""
+        if not hosted.geometry.audio:
+            return postprocess.encoder_input(req, hosted.preset, self._pixel_check(hosted, body))
+        audio = postprocess.audio_input(req, hosted.name, hosted.geometry)
+        self._check_audio(hosted, ENCODE, tuple(audio.shape), body)
+        return audio
+
+    def _check_audio(self, hosted: HostedModel, op: Op, shape: Shape, body: int) -> None:
+        """The limits of the audio [B,channels,samples] a decode of latents [B,C,L] (`shape`) makes, or an
+        encode of audio (`shape`) receives; the memory estimate is the backend's once it is loaded."""
+        geometry, dtype = hosted.geometry, hosted.dtype
+        step = geometry.spatial_compression
+        samples = shape[2] * step if op is DECODE else shape[2]
+        audio = (shape[0], geometry.output_channels, samples)
+        self.limits.check_audio(*audio)
+        if hosted.backend is None:  # not loaded yet
+            per_clip = memory.audio_bytes(samples, dtype)
+        else:
+            per_clip = op.estimate(hosted.backend, (1, *shape[1:]), dtype)
+        need = memory.audio_footprint(audio, per_clip, samples // step, dtype, hosted.device, body)
+        self.limits.check_memory(need, hosted.device)
 
     def _pixel_check(self, hosted: HostedModel, body: int) -> PixelCheck:
         """The limits of an encode's pixels ([B,3,H,W] or [B,3,F,H,W]), checked before they are made."""
@@ -261,7 +291,7 @@ class JobEndpoints:
         message = str(exc)
         if hosted.name != hosted.preset.name:
             message = f"model {hosted.name} (preset {hosted.preset.name}): {message}"
-        fits = [m.name for m in self.models.models() if m.preset in candidates_for(list(shape))]
+        fits = [m.name for m in self.models.models() if latent_fits(m.preset, shape)]
         if fits:
             message += "; hosted models that fit: " + ", ".join(f"/{name}" for name in fits)
         return message

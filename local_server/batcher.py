@@ -107,7 +107,10 @@ class Batcher:
 
 
 def decode_activation_elements(latent: torch.Tensor, spatial: int, temporal: int = 1, widest: int = 128) -> int:
-    """Elements of a decoder's biggest activation for `latent`: `widest` channels at full resolution."""
+    """Elements of a decoder's biggest activation for `latent`: `widest` channels at full resolution
+    (audio latents [B,C,L]: `spatial` samples a latent step)."""
+    if latent.ndim == 3:
+        return math.prod((latent.shape[0], widest, latent.shape[2] * spatial))
     height, width = latent.shape[-2:]
     frames = (latent.shape[2] - 1) * temporal + 1 if latent.ndim == 5 else 1
     return math.prod((latent.shape[0], widest, frames, height * spatial, width * spatial))

@@ -138,7 +138,7 @@ class JobRunner:
                 _shape, _dtype, scaling, out_dtype, options = key
                 return await self._on_device(Job(op, hosted, Scaling(*scaling), out_dtype, options), batch)
 
-            cost, geometry = op.batch_cost, Geometry.of(hosted.preset)  # known before the model loads
+            cost, geometry = op.batch_cost, hosted.geometry  # known before the model loads
             self._batchers[(hosted.name, op.name)] = Batcher(
                 run,
                 window=self.options.batch_window,
@@ -186,7 +186,7 @@ class JobRunner:
     def _planned(self, job: Job, backend: Backend, x: torch.Tensor, stats: JobStats) -> torch.Tensor:
         """Whole, split by batch, or tiled, as memory allows; out of memory falls back to smaller plans."""
         unit = job.op.input_per_latent(backend.geometry)
-        latent_hw = (x.shape[-2] // unit, x.shape[-1] // unit)
+        latent_hw = (1 if x.ndim == 3 else x.shape[-2] // unit, x.shape[-1] // unit)  # audio: [B,C,L] or [B,ch,samples]
         per_item = job.op.estimate(backend, tuple(x.shape), x.dtype)
         budget = self.options.memory_budget or memory.free_bytes(job.model.device)
         mode, size = job.options.mode, job.options.size

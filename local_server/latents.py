@@ -1,10 +1,12 @@
-"""Latent tensors: unpacking Flux-style packed latents and moving between diffusion and VAE space.
+"""Latent tensors: checking them against the hosted model, unpacking Flux-style packed latents and
+moving between diffusion and VAE space.
 
 Pure functions on tensors (docs/protocol.md, "Scaling"); the model's own factors come from its backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,13 +37,28 @@ def unpack_latents(latent: torch.Tensor, height: int, width: int, spatial: int) 
 
 
 def prepare_latent(preset: Preset, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
-    """Validate a latent against `preset` and unpack 3-D packed latents (image models only)."""
+    """Validate a latent against the hosted model's `preset`: a 3-D latent is packed for an image model
+    (unpacked here, from `height` and `width`) and [B,C,L] for an audio model (which takes no size)."""
     if latent.ndim == 3 and preset.dims == 2:
-        if height is None or width is None:  # protocol.parse_decode_request already insists; kept for direct callers
-            raise PresetError("packed (3-D) latents need `height` and `width`")
+        if height is None or width is None:
+            raise ProtocolError("packed (3-D) latents need both `height` and `width` parameters")
         latent = unpack_latents(latent, height, width, preset.spatial_compression)
+    if preset.is_audio and (height is not None or width is not None):
+        raise ProtocolError(
+            f"model {preset.name} decodes audio: its latents [B,{preset.latent_channels},L] take no `height` or "
+            "`width` (those size packed image latents); drop them"
+        )
     check_latent(preset, latent.shape)
     return latent
+
+
+def latent_fits(preset: Preset, shape: Sequence[int]) -> bool:
+    """Whether a latent of `shape` is one of `preset`'s (packed ones once unpacked)."""
+    try:
+        check_latent(preset, shape)
+    except PresetError:
+        return False
+    return True
 
 
 def to_vae_space(latent: torch.Tensor, scaling: Scaling, factors: Factors, preset: Preset) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Request limits: the biggest images, videos and bodies a server accepts, and how many requests it holds.
+"""Request limits: the biggest images, videos, audio clips and bodies a server accepts, and how many
+requests it holds.
 
 Hugging Face's endpoints cap images at 2048^2; our defaults let a 24 GB GPU serve 4096^2 images
 (tiled) and long videos, within a memory budget per request. Every limit is checked from what is known
@@ -26,6 +27,11 @@ class LimitExceeded(ServerError, ValueError):
     def __init__(self, message: str, status: int = 413) -> None:
         super().__init__(message)
         self.status = status
+
+
+# Audio counts against the pixel limits by its values: one pixel is 3 (RGB) values, one audio sample
+# `channels` values. With the defaults a clip may hold 50M values (stereo at 44.1 kHz: 9.5 minutes).
+AUDIO_VALUES_PER_PIXEL = 3
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,22 @@ class Limits:
             raise LimitExceeded(
                 f"a batch of {what} exceeds the server's limit of {self.max_batch_pixels} "
                 f"pixels per request; send fewer {fewer} per request"
+            )
+
+    def check_audio(self, batch: int, channels: int, samples: int) -> None:
+        """Check the size of the audio a request would produce (or an encode receives): its values count
+        as an image's do (3 a pixel), against --max-pixels per clip and --max-batch-pixels per request."""
+        values, most = channels * samples, AUDIO_VALUES_PER_PIXEL * self.max_pixels
+        if values > most:
+            raise LimitExceeded(
+                f"a clip of {channels} channels x {samples} samples = {values} values exceeds the server's limit of "
+                f"{most} values per clip ({AUDIO_VALUES_PER_PIXEL} x --max-pixels, an image's worth); send shorter clips"
+            )
+        most = AUDIO_VALUES_PER_PIXEL * self.max_batch_pixels
+        if batch * values > most:
+            raise LimitExceeded(
+                f"a batch of {batch} clips of {channels} channels x {samples} samples exceeds the server's limit of "
+                f"{most} values per request ({AUDIO_VALUES_PER_PIXEL} x --max-batch-pixels); send fewer clips per request"
             )
 
     def check_memory(self, need: Footprint, device: torch.device) -> None:

@@ -23,6 +23,8 @@ DEFAULT_TILE = 64  # latent pixels (512 image pixels for 8x models)
 # [B*F,3,H,W]; encode: the input), measured at 2048x2048: 12.3 for uint8, PNG, JPEG and [0,1] answers,
 # 8.1 for float32 tensor answers; 9 to 13 for encode inputs (float or uint8 tensors, PNG files).
 HOST_BYTES_PER_VALUE = 13
+# Activations of an audio VAE per sample, decode and encode alike: ComfyUI's estimate for Stable Audio's.
+AUDIO_MEMORY_PER_SAMPLE = 1000
 DEVICE_SHARE = 0.9  # of a CUDA device's memory that one request may need
 
 
@@ -57,6 +59,23 @@ def encode_footprint(preset: Preset, pixels: tuple[int, ...], dtype: torch.dtype
         values *= size
     least = _least_activations(encode_bytes(preset, pixels, dtype), MIN_TILE * preset.spatial_compression, pixels[-2:])
     return _footprint(body, values, dtype, least, device, f"{values} input pixel values and their conversions")
+
+
+def audio_footprint(
+    audio: tuple[int, ...], per_clip: int, steps: int, dtype: torch.dtype, device: torch.device, body: int
+) -> Footprint:
+    """A decode to, or an encode of, audio [B,channels,samples] (`steps` latent steps a clip), one clip of
+    which needs `per_clip` bytes of activations (the backend's estimate); the least plan tiles a clip
+    at MIN_TILE latent steps."""
+    values = audio[0] * audio[1] * audio[2]
+    least = int(per_clip * min(1.0, MIN_TILE / max(1, steps)))
+    return _footprint(body, values, dtype, least, device, f"{values} audio sample values and their conversions")
+
+
+def audio_bytes(samples: int, dtype: torch.dtype) -> int:
+    """Estimated peak bytes to decode or encode ONE clip of `samples` samples, until the model is
+    loaded and gives its own estimate."""
+    return int(AUDIO_MEMORY_PER_SAMPLE * samples * element_size(dtype))
 
 
 def _least_activations(per_item: int, side: int, spatial: tuple[int, ...]) -> int:

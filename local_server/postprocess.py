@@ -1,5 +1,5 @@
 """Pixel conversions at the server's edges: decoder output -> what the client asked for, and
-request images/tensors -> encoder input.
+request images/tensors (or audio) -> encoder input.
 
 Decode outputs follow docs/protocol.md, "Decode". uint8 pixels are computed as diffusers'
 VaeImageProcessor does, with the denormalisation in float16 (this reproduces the HF endpoints'
@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from ..remote import protocol
 from ..remote.presets import Preset
 from ..remote.protocol import DecodeRequest, EncodeRequest, ProtocolError
+from .backends.base import Geometry
 from .errors import first_line
 from .limits import LimitExceeded
 
@@ -35,6 +36,12 @@ MAX_MP4_SIDE = 16384
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 TENSOR, UINT8, UNIT, IMAGE, MP4 = "tensor", "uint8", "unit", "image", "mp4"
+_ASKED = {
+    UINT8: "output_type=pt with partial_postprocess=True",
+    UNIT: "output_type=pil",
+    IMAGE: "output_type=pil",
+    MP4: "output_type=mp4",
+}  # what a request said, by the answer it chose
 
 # Sees the shape of the pixels an encode will make ([B,3,H,W] or [B,3,F,H,W], cropped) before they are made.
 PixelCheck = Callable[[torch.Size], None]
@@ -70,7 +77,8 @@ class OutputSpec:
 def choose_output(req: DecodeRequest, preset: Preset) -> OutputSpec:
     """Map output_type / partial_postprocess / Accept (and our extensions) to an OutputSpec."""
     ext = req.extensions
-    dtype = ext.torch_output_dtype(torch.float16)
+    # float16 keeps 11 bits: more than an 8-bit image holds, less than 16-bit PCM audio.
+    dtype = ext.torch_output_dtype(torch.float32 if preset.is_audio else torch.float16)
     if req.output_type == "pt":
         return OutputSpec(UINT8 if req.partial_postprocess else TENSOR, dtype=dtype)
     if req.output_type == "mp4":
@@ -89,6 +97,13 @@ def choose_output(req: DecodeRequest, preset: Preset) -> OutputSpec:
 
 def check_output_fits(spec: OutputSpec, preset: Preset, latent: torch.Tensor, model_name: str) -> None:
     """Refuse, before decoding, outputs that cannot hold what this latent decodes to."""
+    if preset.is_audio:
+        if spec.kind != TENSOR:
+            raise ProtocolError(
+                f"model {model_name} decodes audio, which it answers only as a raw tensor [B,channels,samples]: "
+                f"send output_type=pt without partial_postprocess (not {_ASKED[spec.kind]})"
+            )
+        return
     batch = latent.shape[0]
     frames = preset.frames_for(latent.shape[2]) if latent.ndim == 5 else 1
     if spec.kind == IMAGE and batch * frames > 1:
@@ -208,6 +223,27 @@ def encoder_input(req: EncodeRequest, preset: Preset, check: PixelCheck | None =
     x = _crop(x, preset)
     check(x.shape)
     return x
+
+
+def audio_input(req: EncodeRequest, model: str, geometry: Geometry) -> torch.Tensor:
+    """An audio model's encode input: a float tensor [B,channels,samples], centre-cropped to whole
+    latent steps as ComfyUI's VAE.encode does. Image files and uint8 tensors are refused."""
+    channels, step = geometry.output_channels, geometry.spatial_compression
+    want = f"a raw float tensor [B,{channels},samples] ({geometry.sample_rate} Hz) with `shape` and `dtype`"
+    audio = req.tensor
+    if audio is None:
+        raise ProtocolError(f"model {model} encodes audio, not images: send {want}")
+    if audio.dtype == torch.uint8 or audio.ndim != 3 or audio.shape[1] != channels:
+        raise ProtocolError(
+            f"encode input of shape {list(audio.shape)} ({protocol.dtype_name(audio.dtype)}) is not audio "
+            f"model {model} takes: send {want}"
+        )
+    samples = audio.shape[2] // step * step
+    if samples == 0:
+        raise ProtocolError(
+            f"audio of {audio.shape[2]} samples is shorter than model {model}'s latent step of {step} samples"
+        )
+    return audio.narrow(2, (audio.shape[2] - samples) // 2, samples).float().contiguous()
 
 
 def _read_image(data: bytes, preset: Preset, check: PixelCheck) -> torch.Tensor:

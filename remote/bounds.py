@@ -4,7 +4,8 @@ while it streams in (bytes) and before it decodes an image (declared pixels).
 The client does not know the model, so the bounds use the largest compression any VAE family has
 (32x spatial, 8x temporal: LTX-Video, DC-AE), more than any preset: a decode of a latent [B,C,H,W]
 ([B,C,T,H,W]) gives at most B x (T x 8) x (H x 32) x (W x 32) pixels (packed latents: B x height x
-width), each at most 4 channels of float32. An encode gives a latent with no more values than the
+width), each at most 4 channels of float32. An audio latent [B,C,L] (3-D without height and width)
+gives at most B x (L x 4096) samples, counted as pixels: at most 4 channels of float32. An encode gives a latent with no more values than the
 pixels it came from, each at most a float32. Requests the bound cannot read get the absolute caps.
 """
 
@@ -19,6 +20,7 @@ from PIL import Image
 from . import protocol
 
 MAX_SPATIAL_COMPRESSION = 32
+MAX_AUDIO_COMPRESSION = 4096  # samples per latent step (ACE-Step; Stable Audio: 2048)
 MAX_TEMPORAL_COMPRESSION = 8
 MAX_BYTES_PER_PIXEL = 4 * 4  # RGBA x float32
 MAX_BYTES_PER_VALUE = 4  # float32
@@ -55,9 +57,11 @@ def _capped(nbytes: int, pixels: int) -> ReplyLimits:
 
 def _decoded_pixels(query: dict[str, list[str]]) -> int:
     shape = protocol.parse_shape_params(query)
-    if len(shape) == 3:  # packed latents carry the image size
+    if len(shape) == 3:  # packed latents carry the image size; audio latents [B,C,L] carry none
         height = protocol.parse_int(query.get("height", [None])[-1], "height")
         width = protocol.parse_int(query.get("width", [None])[-1], "width")
+        if height is None and width is None:
+            return shape[0] * shape[2] * MAX_AUDIO_COMPRESSION  # samples, each counted as a pixel
         if height is None or width is None:
             raise protocol.ProtocolError("packed latents without height and width")
         return shape[0] * height * width

@@ -61,10 +61,12 @@ def _check_decode_inputs(
         raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     if return_type not in protocol.OUTPUT_TYPES:
         raise ValueError(f"return_type={return_type!r} is not one of {', '.join(protocol.OUTPUT_TYPES)}")
-    if tensor.ndim == 3 and (height is None or width is None):
+    # An audio latent [B,C,L] takes no size; its one answer is the raw tensor (output_type="pt").
+    audio = output_type == "pt" and not partial_postprocess and height is None and width is None
+    if tensor.ndim == 3 and (height is None or width is None) and not audio:
         raise ValueError(
             f"`height` and `width` required for packed latents: a 3-D latent of shape {list(tensor.shape)} "
-            "needs the image size in pixels"
+            "needs the image size in pixels (audio latents [B,C,L]: output_type='pt' and neither)"
         )
     if (
         output_type == "pt"
@@ -129,7 +131,9 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
       before anything is sent (there is no video to return).
 
     diffusers' input checks stay ValueErrors; a 3-D (packed) latent needs both `height` and
-    `width` (diffusers only complains when both are missing, then sends neither). `input_tensor_type`
+    `width` (diffusers only complains when both are missing, then sends neither), except an audio
+    latent [B,C,L] decoded with output_type="pt" (no partial_postprocess), which takes neither: the
+    raw audio [B,channels,samples] comes back. `input_tensor_type`
     / `output_tensor_type` "base64" warn and use binary, like diffusers. Unlike diffusers this warns
     about nothing for `do_scaling=True` without `scaling_factor` (it asks the server for its own VAE
     config, which our server supports).

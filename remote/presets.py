@@ -60,6 +60,10 @@ class Preset:
         return self.dims == 3
 
     @property
+    def is_audio(self) -> bool:
+        return self.dims == 1
+
+    @property
     def is_video_model(self) -> bool:
         """A model of videos: an IMAGE batch is the frames of one video (not so for `still_image`)."""
         return self.is_video and not self.still_image

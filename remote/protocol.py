@@ -495,12 +495,12 @@ def parse_decode_request(
         raise ProtocolError("latents must be float16, bfloat16 or float32, not uint8")
     height = parse_int(_one(query, "height"), "height")
     width = parse_int(_one(query, "width"), "width")
-    if tensor.ndim == 3 and (height is None or width is None):
-        raise ProtocolError("packed (3-D) latents need both `height` and `width` parameters")
+    # A 3-D latent is packed (an image model: the server then needs height and width) or audio [B,C,L]:
+    # only the server knows which, from the model it hosts.
     if tensor.ndim not in (3, 4, 5):
         raise ProtocolError(
             f"latent shape {list(tensor.shape)} has {tensor.ndim} dimensions; expected 3 (packed), "
-            "4 [B,C,H,W] or 5 [B,C,T,H,W]"
+            "4 [B,C,H,W] or 5 [B,C,T,H,W] (audio models: 3 [B,C,L])"
         )
     return DecodeRequest(
         tensor=tensor,

@@ -622,6 +622,19 @@ def test_packed_latents_need_height_and_width():
     assert stub.requests == []
 
 
+def test_audio_latents_go_without_a_size_for_the_raw_tensor_only():
+    """An audio latent [B,C,L] takes no height/width; its one answer is output_type="pt" (raw audio)."""
+    audio = tensor_answer(torch.zeros(1, 2, 4 * 2048))
+    with recorder(audio) as stub:
+        got = remote_decode(stub.url, latent((1, 64, 4)), output_type="pt", return_type="pt", do_scaling=False)
+        assert list(got.shape) == [1, 2, 8192]
+        for partial in (False, True):  # an image answer of a 3-D latent needs the packed size
+            output_type = "pil" if not partial else "pt"
+            with pytest.raises(ValueError, match=r"`height` and `width` required for packed latents: .*\(audio"):
+                remote_decode(stub.url, latent((1, 64, 4)), output_type=output_type, partial_postprocess=partial)
+    assert len(stub.requests) == 1
+
+
 def test_base64_warns_and_sends_binary():
     with recorder(OK) as stub:
         with pytest.warns(FutureWarning, match="input_tensor_type='base64' is deprecated. Using `binary`."):

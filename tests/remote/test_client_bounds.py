@@ -351,6 +351,22 @@ def test_limits_from_the_request():
     assert bounds.limits_for(huge) == bounds.ReplyLimits()  # the absolute caps
 
 
+def test_audio_latents_are_bounded_by_the_largest_audio_compression():
+    """[B,C,L] (3-D, no height/width) -> at most [B,4,L*4096] float32: ComfyUI's Stable Audio VAE gives
+    [B,2,L*2048] float32, half of it; a reply over the bound is refused while it streams in."""
+    wire = pt_wire(latent((2, 64, 5)))
+    samples = 2 * 5 * bounds.MAX_AUDIO_COMPRESSION
+    assert bounds.limits_for(wire) == bounds.ReplyLimits(samples * 16 + bounds.OVERHEAD, samples)
+    assert 2048 <= bounds.MAX_AUDIO_COMPRESSION
+    stable_audio = torch.zeros(2, 2, 5 * 2048)
+    with recorder(tensor_answer(stable_audio)) as stub:
+        assert remote_decode(stub.url, latent((2, 64, 5)), output_type="pt", return_type="pt").shape == (2, 2, 10240)
+    limit = samples * 16 + bounds.OVERHEAD
+    with recorder(tensor_answer(torch.zeros(limit // 4 + 1))) as stub:
+        with pytest.raises(RemoteVAEError, match=f"more than the {limit} bytes a reply to this request can hold"):
+            remote_decode(stub.url, latent((2, 64, 5)), output_type="pt", return_type="pt")
+
+
 def test_the_bounds_cover_every_preset():
     for preset in PRESETS.values():
         assert preset.spatial_compression <= bounds.MAX_SPATIAL_COMPRESSION

@@ -594,8 +594,6 @@ F32_BODY = protocol.tensor_to_bytes(F32_4D)
          r"latent shape \[16\] has 1 dimensions; expected 3 \(packed\), 4 \[B,C,H,W\] or 5"),
         ([("shape", "1"), ("shape", "4"), ("shape", "2"), ("shape", "2"), ("dtype", "uint8")], TENSOR_HEADERS,
          b"\x00" * 16, "latents must be float16, bfloat16 or float32, not uint8"),
-        ([("shape", "1"), ("shape", "4"), ("shape", "4"), ("dtype", "float32")], TENSOR_HEADERS, b"\x00" * 64,
-         r"packed \(3-D\) latents need both `height` and `width` parameters"),
         ([("shape", "1"), ("shape", "4"), ("shape", "4"), ("dtype", "float32"), ("height", "x"), ("width", "8")],
          TENSOR_HEADERS, b"\x00" * 64, "height='x' is not an integer"),
         ([("shape", "1"), ("shape", "4"), ("shape", "4"), ("dtype", "float32"), ("height", "8"), ("width", "0")],
@@ -605,6 +603,16 @@ F32_BODY = protocol.tensor_to_bytes(F32_4D)
 def test_parse_decode_request_errors(items, headers, body, message):
     with pytest.raises(ProtocolError, match=message):
         protocol.parse_decode_request(items, headers, body)
+
+
+def test_a_3d_latent_without_height_and_width_is_left_to_the_server():
+    """Packed image latents or audio [B,C,L]: the hosted model decides (packed ones without height and
+    width are the server's 400, tests/server/test_server_errors.py)."""
+    items = [("shape", "1"), ("shape", "4"), ("shape", "4"), ("dtype", "float32")]
+    parsed = protocol.parse_decode_request(items, TENSOR_HEADERS, b"\x00" * 64)
+    assert list(parsed.tensor.shape) == [1, 4, 4] and (parsed.height, parsed.width) == (None, None)
+    parsed = protocol.parse_decode_request(items + [("height", "8"), ("width", "16")], TENSOR_HEADERS, b"\x00" * 64)
+    assert (parsed.height, parsed.width) == (8, 16)
 
 
 def test_parse_encode_request_image_and_tensor():

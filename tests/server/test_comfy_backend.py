@@ -36,7 +36,7 @@ from support.processes import running_server, server_env
 from support.serving import error_of, post_decode, post_encode, serve, tensor_of
 
 # Every family ComfyUI 0.3.75 detects that a 2-core CPU decodes in seconds (wan22 and hunyuan_video15 are
-# 0.7G and 1.3G parameters at the only size ComfyUI builds them). Audio has no wire form yet.
+# 0.7G and 1.3G parameters at the only size ComfyUI builds them). Audio: test_audio.py.
 SERVED = ("sd15", "sdxl", "flux", "flux2", "wan21", "qwen_image", "hunyuan_video", "ltxv", "taesd", "taehv")
 EXACT = Extensions(output_dtype="float32")
 
@@ -298,7 +298,7 @@ def test_a_preset_name_gives_a_comfy_model_its_scaling(comfy, vae_file):
 
 
 def test_audio_vaes_have_their_geometry_and_run_as_comfyui_does(comfy, vae_file):
-    """Stable Audio's VAE: latents [B,64,L] to stereo at 44.1 kHz (the wire has no audio form yet)."""
+    """Stable Audio's VAE: latents [B,64,L] to stereo at 44.1 kHz (over the wire: test_audio.py)."""
     path = vae_file("stable_audio")
     vae = reference(comfy, path)
     geometry = geometry_of(vae)

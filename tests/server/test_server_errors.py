@@ -98,6 +98,16 @@ def test_packed_latents_without_height_and_width(server):
     assert "packed (3-D) latents need both `height` and `width`" in error_of(raw_post(server + "/flux", params, b"\0" * 2048), 400)
 
 
+def test_packed_latents_without_a_size_are_refused_by_the_image_model(server):
+    """The codec lets a 3-D latent through (it may be audio [B,C,L]); an image model asks for the size."""
+    params = shape_params(1, 16, 64) + [("dtype", "float16")]
+    for model in ("flux", "sd15"):
+        message = error_of(raw_post(f"{server}/{model}", params, b"\0" * 2048), 400)
+        assert message == "packed (3-D) latents need both `height` and `width` parameters"
+    wrong_length = raw_post(server + "/flux", params, b"\0" * 8)  # refused from the query, whatever the body
+    assert error_of(wrong_length, 400) == "packed (3-D) latents need both `height` and `width` parameters"
+
+
 def test_packed_latents_that_do_not_fit_the_size(server):
     message = error_of(post_decode(server + "/flux", z(1, 16, 64), output_type="pt", do_scaling=False, height=64, width=128), 400)
     assert "packed latent of shape [1, 16, 64] does not fit height=64 width=128" in message
