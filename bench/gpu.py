@@ -61,21 +61,37 @@ class Case:
 def hunyuan_video() -> torch.nn.Module:
     from remote_vae.testing import random_vae
 
-    return random_vae("hunyuan_video", 0, size="full")  # the published architecture (146 M decoder parameters)
+    return random_vae(
+        "hunyuan_video", 0, size="full"
+    )  # the published architecture (146 M decoder parameters)
 
 
 def cases(quick: bool) -> list[Case]:
     sd_side = 512 if quick else 1024
-    sd = Case(f"SD VAE {sd_side}x{sd_side}", "sd15",
-              lambda: build("sd-full"),
-              (1, 4, sd_side // 8, sd_side // 8), 1, "img/s", None if quick else SD_1024_TRAFFIC)
+    sd = Case(
+        f"SD VAE {sd_side}x{sd_side}",
+        "sd15",
+        lambda: build("sd-full"),
+        (1, 4, sd_side // 8, sd_side // 8),
+        1,
+        "img/s",
+        None if quick else SD_1024_TRAFFIC,
+    )
     frames = 13 if quick else 61
-    video = Case(f"HunyuanVideo VAE {frames}x320x512", "hunyuan_video", hunyuan_video,
-                 (1, 16, (frames - 1) // 4 + 1, 40, 64), frames, "frames/s")
+    video = Case(
+        f"HunyuanVideo VAE {frames}x320x512",
+        "hunyuan_video",
+        hunyuan_video,
+        (1, 16, (frames - 1) // 4 + 1, 40, 64),
+        frames,
+        "frames/s",
+    )
     return [sd, video]
 
 
-def apply_accel(model: torch.nn.Module, device: torch.device, flags: dict, video: bool) -> tuple[torch.nn.Module, Callable]:
+def apply_accel(
+    model: torch.nn.Module, device: torch.device, flags: dict, video: bool
+) -> tuple[torch.nn.Module, Callable]:
     """The server's own `accel.apply` where it exists; else the same three switches here."""
     torch.backends.cudnn.benchmark = False  # a global: reset between variants
     try:
@@ -92,7 +108,9 @@ def apply_accel(model: torch.nn.Module, device: torch.device, flags: dict, video
         model = model.to(memory_format=layout)
     if flags.get("compile"):
         model.decoder = torch.compile(model.decoder)
-    return model, (lambda x: x.contiguous(memory_format=layout)) if flags.get("channels_last") else (lambda x: x)
+    return model, (lambda x: x.contiguous(memory_format=layout)) if flags.get("channels_last") else (
+        lambda x: x
+    )
 
 
 def executed_flops(model: torch.nn.Module, z: torch.Tensor) -> float:
@@ -103,12 +121,21 @@ def executed_flops(model: torch.nn.Module, z: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def time_variant(base: torch.nn.Module, case: Case, flags: dict, device: torch.device, dtype: torch.dtype,
-                 repeats: int, warmup: int) -> tuple[float, float]:
+def time_variant(
+    base: torch.nn.Module,
+    case: Case,
+    flags: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+) -> tuple[float, float]:
     """(median seconds per decode, peak allocated GiB) of one variant on a fresh copy of the model."""
     model = copy.deepcopy(base).to(device=device, dtype=dtype)
     model, layout = apply_accel(model, device, flags, video=len(case.latent) == 5)
-    z = layout(torch.randn(case.latent, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype))
+    z = layout(
+        torch.randn(case.latent, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    )
     torch.cuda.reset_peak_memory_stats(device)
     times = []
     with torch.inference_mode():
@@ -126,18 +153,30 @@ def time_variant(base: torch.nn.Module, case: Case, flags: dict, device: torch.d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=10, help="timed decodes per variant (median; default 10)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed decodes per variant (median; default 10)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed decodes first (compile happens here)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--skip-video", action="store_true", help="only the SD VAE")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
-                        help="auto (default): what the server picks on a GPU, the preset's first safe dtype")
-    parser.add_argument("--quick", action="store_true", help="smoke run: SD 512^2, 13 frames, eager and all three")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        help="auto (default): what the server picks on a GPU, the preset's first safe dtype",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: SD 512^2, 13 frames, eager and all three"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench.gpu: no CUDA device here (torch.cuda.is_available() is False); this benchmark only runs on a "
-              "GPU machine. Nothing measured, nothing recorded.")
+        print(
+            "bench.gpu: no CUDA device here (torch.cuda.is_available() is False); this benchmark only runs on a "
+            "GPU machine. Nothing measured, nothing recorded."
+        )
         sys.exit(0)
     record_as_module("bench.gpu")
     if args.quick:
@@ -163,22 +202,46 @@ def main() -> None:
         rows = []
         for variant in args.variants:
             try:
-                seconds, memory = time_variant(base, case, VARIANTS[variant], device, dtype, args.repeats, args.warmup)
+                seconds, memory = time_variant(
+                    base, case, VARIANTS[variant], device, dtype, args.repeats, args.warmup
+                )
             except Exception as exc:  # an OOM or a compile failure is a result too
-                rows.append([variant, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "-", "-", "-", "-", "-"])
+                rows.append(
+                    [variant, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "-", "-", "-", "-", "-"]
+                )
                 torch.cuda.empty_cache()
                 continue
             tflops = flops / seconds / 1e12
-            rows.append([
-                variant, f"{seconds * 1000:.1f}", f"{case.items / seconds:.2f}", f"{memory:.2f}", f"{tflops:.1f}",
-                f"{100 * flops / seconds / peak_flops:.1f}" if peak_flops else "-",
-                f"{seconds / floor:.1f}" if floor else "-",
-            ])
+            rows.append(
+                [
+                    variant,
+                    f"{seconds * 1000:.1f}",
+                    f"{case.items / seconds:.2f}",
+                    f"{memory:.2f}",
+                    f"{tflops:.1f}",
+                    f"{100 * flops / seconds / peak_flops:.1f}" if peak_flops else "-",
+                    f"{seconds / floor:.1f}" if floor else "-",
+                ]
+            )
             print(f"{case.name} {variant}: {rows[-1]}", flush=True)
-        table += [f"**{case.name}, {str(dtype).removeprefix('torch.')}, executed {flops / 1e12:.2f} TFLOP per decode"
-                  + (f", floor {floor * 1000:.1f} ms" if floor else "") + "**", ""]
-        table += markdown_table(["variant", "ms per decode (median)", case.unit, "peak GiB", "TFLOP/s", "% of dense peak",
-                                 "x floor"], rows)
+        table += [
+            f"**{case.name}, {str(dtype).removeprefix('torch.')}, executed {flops / 1e12:.2f} TFLOP per decode"
+            + (f", floor {floor * 1000:.1f} ms" if floor else "")
+            + "**",
+            "",
+        ]
+        table += markdown_table(
+            [
+                "variant",
+                "ms per decode (median)",
+                case.unit,
+                "peak GiB",
+                "TFLOP/s",
+                "% of dense peak",
+                "x floor",
+            ],
+            rows,
+        )
         table.append("")
         del base
     notes = (
@@ -190,7 +253,9 @@ def main() -> None:
     notes += f" ({revision()})"
     if args.quick:
         notes += " QUICK smoke run (--quick): not a measurement."
-    record("GPU: decode speed with channels_last / cudnn.benchmark / torch.compile (bench/gpu.py)", table, notes)
+    record(
+        "GPU: decode speed with channels_last / cudnn.benchmark / torch.compile (bench/gpu.py)", table, notes
+    )
 
 
 if __name__ == "__main__":

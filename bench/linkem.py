@@ -62,7 +62,9 @@ class Proxy:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(self._pump(client_r, server_w, self.up), self._pump(server_r, client_w, self.down))
+        await asyncio.gather(
+            self._pump(client_r, server_w, self.up), self._pump(server_r, client_w, self.down)
+        )
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, way: Direction) -> None:
         loop = asyncio.get_running_loop()
@@ -107,12 +109,25 @@ class ProxyLink:
     def __init__(self, target: tuple[str, int], rate_mbit: float, rtt_ms: float) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "bench.linkem", "--port", str(self.port), "--target", f"{target[0]}:{target[1]}",
-                    "--rate-mbit", str(rate_mbit), "--rtt-ms", str(rtt_ms)]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "bench.linkem",
+            "--port",
+            str(self.port),
+            "--target",
+            f"{target[0]}:{target[1]}",
+            "--rate-mbit",
+            str(rate_mbit),
+            "--rtt-ms",
+            str(rtt_ms),
+        ]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ProxyLink:
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             self.__exit__(None, None, None)
@@ -178,7 +193,15 @@ class NetemLink:
 
     def __enter__(self) -> NetemLink:
         a, b = self.veth
-        netem = ["netem", "delay", f"{self.rtt_ms / 2:g}ms", "rate", f"{self.rate_mbit:g}mbit", "limit", "100000"]
+        netem = [
+            "netem",
+            "delay",
+            f"{self.rtt_ms / 2:g}ms",
+            "rate",
+            f"{self.rate_mbit:g}mbit",
+            "limit",
+            "100000",
+        ]
         steps = [
             ["ip", "netns", "add", self.ns],
             ["ip", "link", "add", a, "type", "veth", "peer", "name", b],

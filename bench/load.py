@@ -118,9 +118,13 @@ def run_level(server_url: str, url: str, wire: protocol.WireRequest, clients: in
     level.max_queue = watch.deepest
     level.queue_source = "/metrics remote_vae_queue_depth" if watch.has_metrics else "client in-flight"
     after = metrics(server_url)
-    count = metric_total(after, "remote_vae_compute_seconds_count") - metric_total(before, "remote_vae_compute_seconds_count")
+    count = metric_total(after, "remote_vae_compute_seconds_count") - metric_total(
+        before, "remote_vae_compute_seconds_count"
+    )
     if after is not None and count > 0:
-        spent = metric_total(after, "remote_vae_compute_seconds_sum") - metric_total(before, "remote_vae_compute_seconds_sum")
+        spent = metric_total(after, "remote_vae_compute_seconds_sum") - metric_total(
+            before, "remote_vae_compute_seconds_sum"
+        )
         level.compute = spent / count
     return level
 
@@ -136,13 +140,21 @@ def batching_modes(requested: list[str] | None) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, default=32, help="requests per level, shared by its clients (default 32)")
+    parser.add_argument(
+        "--requests", type=int, default=32, help="requests per level, shared by its clients (default 32)"
+    )
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--threads", type=int, default=default_threads(), help="server torch threads")
-    parser.add_argument("--batching", nargs="+", choices=("auto", "on", "off"),
-                        help="server batching modes to run (default: off and on when the server has the switch)")
+    parser.add_argument(
+        "--batching",
+        nargs="+",
+        choices=("auto", "on", "off"),
+        help="server batching modes to run (default: off and on when the server has the switch)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 clients, 4 requests, 128 px")
     args = parser.parse_args()
     record_as_module("bench.load")
@@ -162,8 +174,11 @@ def main() -> None:
             for clients in args.clients:
                 level = run_level(server.url, url, wire, clients, args.requests)
                 levels.append(level)
-                print(f"batching {mode}, {clients} clients: {len(level.latencies) / level.wall:.2f} req/s, "
-                      f"{len(level.errors)} errors", flush=True)
+                print(
+                    f"batching {mode}, {clients} clients: {len(level.latencies) / level.wall:.2f} req/s, "
+                    f"{len(level.errors)} errors",
+                    flush=True,
+                )
         base = levels[0]
         base_throughput = len(base.latencies) / base.wall
         # One request's time through an idle server: typical (p50) and worst (p99) of one client alone.
@@ -172,12 +187,21 @@ def main() -> None:
         for level in levels:
             throughput = len(level.latencies) / level.wall
             p99 = percentile(level.latencies, 99) if level.latencies else float("nan")
-            rows.append([
-                level.clients, len(level.latencies), len(level.errors), throughput, throughput / base_throughput,
-                percentile(level.latencies, 50) if level.latencies else "-", p99,
-                f"{level.max_queue:g}", "-" if level.compute is None else f"{level.compute * 1000:.0f}",
-                f"{p99 / (level.clients * service_p50):.2f}", f"{p99 / (level.clients * service_p99):.2f}",
-            ])
+            rows.append(
+                [
+                    level.clients,
+                    len(level.latencies),
+                    len(level.errors),
+                    throughput,
+                    throughput / base_throughput,
+                    percentile(level.latencies, 50) if level.latencies else "-",
+                    p99,
+                    f"{level.max_queue:g}",
+                    "-" if level.compute is None else f"{level.compute * 1000:.0f}",
+                    f"{p99 / (level.clients * service_p50):.2f}",
+                    f"{p99 / (level.clients * service_p99):.2f}",
+                ]
+            )
         last = levels[-1]
         last_ratio = (len(last.latencies) / last.wall) / base_throughput
         errors = sum(len(level.errors) for level in levels)
@@ -188,8 +212,19 @@ def main() -> None:
         )
         table += [f"**Server batching: {mode}** (queue depth from {levels[0].queue_source})", ""]
         table += markdown_table(
-            ["clients", "ok", "errors", "throughput req/s", "vs 1 client", "p50 s", "p99 s", "max queue",
-             "compute ms/request", "p99 / (clients x p50 of 1)", "p99 / (clients x p99 of 1)"],
+            [
+                "clients",
+                "ok",
+                "errors",
+                "throughput req/s",
+                "vs 1 client",
+                "p50 s",
+                "p99 s",
+                "max queue",
+                "compute ms/request",
+                "p99 / (clients x p50 of 1)",
+                "p99 / (clients x p99 of 1)",
+            ],
             rows,
         )
         table.append("")

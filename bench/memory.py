@@ -38,8 +38,9 @@ def child(mode: str, size: int, url: str | None, threads: int) -> None:
     params = 0
     started = time.perf_counter()
     if mode == "remote":
-        image = RemoteVAEDecode().decode(samples={"samples": z}, preset="sd15", endpoint=url, transfer="lossless",
-                                         timeout=3600)[0]
+        image = RemoteVAEDecode().decode(
+            samples={"samples": z}, preset="sd15", endpoint=url, transfer="lossless", timeout=3600
+        )[0]
         assert image.shape == (1, size, size, 3)
     elif mode == "local":
         from .models import build, comfy_decode
@@ -60,12 +61,30 @@ def child(mode: str, size: int, url: str | None, threads: int) -> None:
             else:
                 run_tiled(lambda t: model.decode(t).sample, z, tile=TILE, overlap=OVERLAP, scale=8)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mib": peak, "seconds": time.perf_counter() - started,
-                      "diffusers": "diffusers" in sys.modules, "vae_params": params}))
+    print(
+        json.dumps(
+            {
+                "peak_mib": peak,
+                "seconds": time.perf_counter() - started,
+                "diffusers": "diffusers" in sys.modules,
+                "vae_params": params,
+            }
+        )
+    )
 
 
 def run_child(mode: str, size: int, threads: int, url: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "bench.memory", "--child", mode, "--size", str(size), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        "--child",
+        mode,
+        "--size",
+        str(size),
+        "--threads",
+        str(threads),
+    ]
     if url:
         cmd += ["--url", url]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -82,20 +101,36 @@ def run_child(mode: str, size: int, threads: int, url: str | None = None) -> dic
 def client_rows(size: int, threads: int) -> list[list]:
     with Server(["sd=sd15:sd-small"], threads=threads) as server:
         remote = run_child("remote", size, threads, f"{server.url}/sd")
-    results = [("import torch + the pack's nodes, no decode", run_child("baseline", size, threads)),
-               ("RemoteVAEDecode (lossless) via a server", remote),
-               ("in-process decode, full-size SD VAE (float32)", run_child("local", size, threads))]
+    results = [
+        ("import torch + the pack's nodes, no decode", run_child("baseline", size, threads)),
+        ("RemoteVAEDecode (lossless) via a server", remote),
+        ("in-process decode, full-size SD VAE (float32)", run_child("local", size, threads)),
+    ]
     base = results[0][1]["peak_mib"]
-    return [[name, f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - base:+.0f}", "yes" if r["diffusers"] else "no",
-             f"{r['vae_params']:,}", f"{r['seconds']:.1f}"] for name, r in results]
+    return [
+        [
+            name,
+            f"{r['peak_mib']:.0f}",
+            f"{r['peak_mib'] - base:+.0f}",
+            "yes" if r["diffusers"] else "no",
+            f"{r['vae_params']:,}",
+            f"{r['seconds']:.1f}",
+        ]
+        for name, r in results
+    ]
 
 
 def reads_tile_parameter(url: str) -> bool:
     """Whether the server understands `tile`: one that does refuses a bad value before decoding anything."""
     from remote_vae.remote import client, protocol
 
-    wire = protocol.build_decode_request(torch.zeros(1, 4, 8, 8), output_type="pt", partial_postprocess=True,
-                                         do_scaling=False, extensions=protocol.Extensions(tile="sideways"))
+    wire = protocol.build_decode_request(
+        torch.zeros(1, 4, 8, 8),
+        output_type="pt",
+        partial_postprocess=True,
+        do_scaling=False,
+        extensions=protocol.Extensions(tile="sideways"),
+    )
     try:
         client.send(url, wire, retries=0)
     except client.RemoteVAEError as exc:
@@ -110,8 +145,13 @@ def server_rows(big: int, threads: int) -> tuple[list[list], str] | None:
     z = torch.randn(1, 4, big // 8, big // 8, generator=torch.Generator().manual_seed(0))
     rows = []
     for tile in ("off", "on"):
-        wire = protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False,
-                                             extensions=protocol.Extensions(tile=tile))
+        wire = protocol.build_decode_request(
+            z,
+            output_type="pt",
+            partial_postprocess=True,
+            do_scaling=False,
+            extensions=protocol.Extensions(tile=tile),
+        )
         with Server(["sd=sd15:sd-small"], threads=threads) as server:
             if not reads_tile_parameter(f"{server.url}/sd"):
                 return None
@@ -122,8 +162,18 @@ def server_rows(big: int, threads: int) -> tuple[list[list], str] | None:
             peak = server.peak_rss_mib()
             tiled = metric_total(metrics(server.url), "remote_vae_tiled_total") > 0
         assert reply.tensor().shape == (1, big, big, 3)
-        rows.append([f"server, tile={tile}", f"{peak:.0f}", f"{peak - idle:+.0f}", "yes" if tiled else "no", f"{seconds:.1f}"])
-        print(f"tile={tile}: peak {peak:.0f} MiB (idle {idle:.0f}), {seconds:.1f} s, tiled={tiled}", flush=True)
+        rows.append(
+            [
+                f"server, tile={tile}",
+                f"{peak:.0f}",
+                f"{peak - idle:+.0f}",
+                "yes" if tiled else "no",
+                f"{seconds:.1f}",
+            ]
+        )
+        print(
+            f"tile={tile}: peak {peak:.0f} MiB (idle {idle:.0f}), {seconds:.1f} s, tiled={tiled}", flush=True
+        )
     return rows, "the server's tile=on|off request parameter (fresh server per row; VmHWM of its process)"
 
 
@@ -132,20 +182,39 @@ def direct_rows(big: int, threads: int, why: str) -> tuple[list[list], str]:
     rows = []
     for mode in ("whole", "tiled"):
         r = run_child(mode, big, threads)
-        rows.append([f"in a subprocess, {mode}", f"{r['peak_mib']:.0f}", f"{r['peak_mib'] - baseline:+.0f}",
-                     "yes" if mode == "tiled" else "no", f"{r['seconds']:.1f}"])
-    return rows, (f"local_server.tiling.run_tiled (tile {TILE}, overlap {OVERLAP} latent px) vs a whole decode, each in a "
-                  f"fresh subprocess (ru_maxrss); {why}")
+        rows.append(
+            [
+                f"in a subprocess, {mode}",
+                f"{r['peak_mib']:.0f}",
+                f"{r['peak_mib'] - baseline:+.0f}",
+                "yes" if mode == "tiled" else "no",
+                f"{r['seconds']:.1f}",
+            ]
+        )
+    return rows, (
+        f"local_server.tiling.run_tiled (tile {TILE}, overlap {OVERLAP} latent px) vs a whole decode, each in a "
+        f"fresh subprocess (ru_maxrss); {why}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512, help="client-side image side in pixels (default 512)")
-    parser.add_argument("--big", type=int, default=4096, help="server-side image side for tiling (default 4096)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size", type=int, default=512, help="client-side image side in pixels (default 512)"
+    )
+    parser.add_argument(
+        "--big", type=int, default=4096, help="server-side image side for tiling (default 4096)"
+    )
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--direct", action="store_true", help="measure run_tiled directly even if the server tiles")
+    parser.add_argument(
+        "--direct", action="store_true", help="measure run_tiled directly even if the server tiles"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 px client, 1024 px server")
-    parser.add_argument("--child", choices=("baseline", "remote", "local", "whole", "tiled"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("baseline", "remote", "local", "whole", "tiled"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -156,10 +225,21 @@ def main() -> None:
         args.size, args.big = 128, 1024
 
     table = [f"**Client: one {args.size}x{args.size} decode, peak RSS of a fresh process**", ""]
-    table += markdown_table(["process", "peak RSS MiB", "vs baseline MiB", "diffusers imported", "VAE parameters built",
-                             "seconds"], client_rows(args.size, args.threads))
+    table += markdown_table(
+        [
+            "process",
+            "peak RSS MiB",
+            "vs baseline MiB",
+            "diffusers imported",
+            "VAE parameters built",
+            "seconds",
+        ],
+        client_rows(args.size, args.threads),
+    )
     found = None if args.direct else server_rows(args.big, args.threads)
-    rows, how = found or direct_rows(args.big, args.threads, "--direct given" if args.direct else "the server has no tile parameter")
+    rows, how = found or direct_rows(
+        args.big, args.threads, "--direct given" if args.direct else "the server has no tile parameter"
+    )
     table += ["", f"**Server: one {args.big}x{args.big} decode, reduced-width SD VAE (sd-small), {how}**", ""]
     table += markdown_table(["run", "peak RSS MiB", "over idle MiB", "tiled", "seconds"], rows)
     notes = (

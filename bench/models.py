@@ -30,7 +30,12 @@ from remote_vae.testing import comfy_decode, random_vae
 __all__ = ["BUILDERS", "StandInDecoder", "build", "comfy_decode"]
 
 # Tiny widths and no mid-block attention: cheap on a CPU, the same latent and pixel shapes.
-SMALL = {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8, "mid_block_add_attention": False}
+SMALL = {
+    "block_out_channels": (8, 8, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "mid_block_add_attention": False,
+}
 
 
 class StandInDecoder(torch.nn.Module):
@@ -47,14 +52,18 @@ class StandInDecoder(torch.nn.Module):
         self.video = video
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=generator) / math.sqrt(latent_channels))
+            self.proj.weight.copy_(
+                torch.randn(self.proj.weight.shape, generator=generator) / math.sqrt(latent_channels)
+            )
             self.proj.bias.zero_()
 
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> SimpleNamespace:
         x = self.proj(z)
         if self.video:
             frames = 4 * (z.shape[2] - 1) + 1
-            x = F.interpolate(x, size=(frames, z.shape[3] * 8, z.shape[4] * 8), mode="trilinear", align_corners=True)
+            x = F.interpolate(
+                x, size=(frames, z.shape[3] * 8, z.shape[4] * 8), mode="trilinear", align_corners=True
+            )
         else:
             x = F.interpolate(x, scale_factor=8, mode="bilinear", align_corners=False)
         return SimpleNamespace(sample=torch.tanh(x))

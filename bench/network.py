@@ -55,7 +55,9 @@ def variants(url: str, z: torch.Tensor) -> dict[str, Callable[[], object]]:
     one_image = z.shape[2] * z.shape[3] * 64
 
     def per_image(**kwargs: object) -> Callable[[], object]:
-        return lambda: [remote_decode(url, z[i : i + 1], do_scaling=False, **kwargs) for i in range(z.shape[0])]
+        return lambda: [
+            remote_decode(url, z[i : i + 1], do_scaling=False, **kwargs) for i in range(z.shape[0])
+        ]
 
     return {
         "ours: RemoteVAEDecode, lossless (uint8), default chunking": lambda: node.decode(
@@ -87,10 +89,14 @@ def compute_seconds(model: torch.nn.Module, z: torch.Tensor, repeats: int) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median; default 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of each variant (median; default 5)"
+    )
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--proxy", action="store_true", help="use the TCP proxy even where netem works")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 images of 256x256, 1 run")

@@ -24,27 +24,50 @@ TARGET = 1.05
 
 def server_means(before: dict | None, after: dict | None) -> list[str]:
     """Mean compute, render and whole-request ms per request between two /metrics reads ('-' without /metrics)."""
-    count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(before, "remote_vae_request_seconds_count")
+    count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(
+        before, "remote_vae_request_seconds_count"
+    )
     if after is None or count <= 0:
         return ["-", "-", "-"]
-    names = ("remote_vae_compute_seconds_sum", "remote_vae_render_seconds_sum", "remote_vae_request_seconds_sum")
+    names = (
+        "remote_vae_compute_seconds_sum",
+        "remote_vae_render_seconds_sum",
+        "remote_vae_request_seconds_sum",
+    )
     return [f"{(metric_total(after, n) - metric_total(before, n)) / count * 1000:.1f}" for n in names]
 
 
 def main() -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024] if cuda else [256, 512],
-                        help="square image sizes in pixels (default: 512 1024 on CUDA, 256 512 on CPU)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[512, 1024] if cuda else [256, 512],
+        help="square image sizes in pixels (default: 512 1024 on CUDA, 256 512 on CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs per size (default 5)")
-    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads, both processes")
-    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=("bfloat16", "float16", "float32"),
-                        help="VAE dtype, both processes (default: bfloat16 on CUDA; float32 on CPU, where bf16 "
-                        "convolutions without native support are ~40x slower)")
+    parser.add_argument(
+        "--threads", type=int, default=default_threads(), help="torch threads, both processes"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16" if cuda else "float32",
+        choices=("bfloat16", "float16", "float32"),
+        help="VAE dtype, both processes (default: bfloat16 on CUDA; float32 on CPU, where bf16 "
+        "convolutions without native support are ~40x slower)",
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--model", default="sd-full", choices=("sd-full", "sd-standin"),
-                        help="sd-full: the real SD VAE (default); sd-standin: SD shapes with GPU-like compute (tens of "
-                        "ms), to see the transport's share next to a fast decode")
+    parser.add_argument(
+        "--model",
+        default="sd-full",
+        choices=("sd-full", "sd-standin"),
+        help="sd-full: the real SD VAE (default); sd-standin: SD shapes with GPU-like compute (tens of "
+        "ms), to see the transport's share next to a fast decode",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 px, 2 pairs")
     args = parser.parse_args()
     if args.quick:
@@ -62,7 +85,9 @@ def main() -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt_worker")
     worker.submit(torch.set_num_threads, args.threads).result()
     rows = []
-    with Server([f"sd15=sd15:{args.model}"], threads=args.threads, dtype=args.dtype, device=args.device) as server:
+    with Server(
+        [f"sd15=sd15:{args.model}"], threads=args.threads, dtype=args.dtype, device=args.device
+    ) as server:
         endpoint = f"{server.url}/sd15"
 
         def local(z: torch.Tensor) -> torch.Tensor:
@@ -72,11 +97,16 @@ def main() -> None:
             return image
 
         def remote(z: torch.Tensor) -> torch.Tensor:
-            return node.decode(samples={"samples": z}, preset="sd15", endpoint=endpoint, transfer="lossless", timeout=3600)[0]
+            return node.decode(
+                samples={"samples": z}, preset="sd15", endpoint=endpoint, transfer="lossless", timeout=3600
+            )[0]
 
         for size in args.sizes:
             z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(size))
-            agree = float((worker.submit(remote, z).result() - worker.submit(local, z).result()).abs().max()) * 255
+            agree = (
+                float((worker.submit(remote, z).result() - worker.submit(local, z).result()).abs().max())
+                * 255
+            )
             # ^ also the warm-up of both paths
             local_s, remote_s = [], []
             before = metrics(server.url)
@@ -85,23 +115,48 @@ def main() -> None:
                     started = time.perf_counter()
                     worker.submit(path, z).result()
                     (local_s if path is local else remote_s).append(time.perf_counter() - started)
-                print(f"{size}px pair {rep + 1}: in-process {local_s[-1]:.3f} s, remote {remote_s[-1]:.3f} s", flush=True)
+                print(
+                    f"{size}px pair {rep + 1}: in-process {local_s[-1]:.3f} s, remote {remote_s[-1]:.3f} s",
+                    flush=True,
+                )
             server_ms = server_means(before, metrics(server.url))
             ratios = [r / lo for r, lo in zip(remote_s, local_s)]
             deltas = [(r - lo) * 1000 for r, lo in zip(remote_s, local_s)]
-            rows.append([
-                f"{size}x{size}", median(local_s), median(remote_s), median(ratios), median(remote_s) / median(local_s),
-                f"{median(deltas):.0f}", *server_ms, f"{agree:.2f}", "yes" if median(ratios) <= TARGET else "no",
-            ])
+            rows.append(
+                [
+                    f"{size}x{size}",
+                    median(local_s),
+                    median(remote_s),
+                    median(ratios),
+                    median(remote_s) / median(local_s),
+                    f"{median(deltas):.0f}",
+                    *server_ms,
+                    f"{agree:.2f}",
+                    "yes" if median(ratios) <= TARGET else "no",
+                ]
+            )
     worker.shutdown()
     table = markdown_table(
-        ["size", "in-process s (median)", "remote s (median)", "ratio (median of pairs)", "ratio of medians",
-         "remote - in-process ms (median)", "server: compute ms", "server: render ms", "server: whole request ms",
-         "max diff, 0..255", f"<= {TARGET}"],
+        [
+            "size",
+            "in-process s (median)",
+            "remote s (median)",
+            "ratio (median of pairs)",
+            "ratio of medians",
+            "remote - in-process ms (median)",
+            "server: compute ms",
+            "server: render ms",
+            "server: whole request ms",
+            "max diff, 0..255",
+            f"<= {TARGET}",
+        ],
         rows,
     )
-    what = ("SD VAE, full size (block_out_channels 128,256,512,512, 2 layers per block, seeded random weights)"
-            if args.model == "sd-full" else "sd-standin (SD shapes, GPU-like compute; bench/models.py)")
+    what = (
+        "SD VAE, full size (block_out_channels 128,256,512,512, 2 layers per block, seeded random weights)"
+        if args.model == "sd-full"
+        else "sd-standin (SD shapes, GPU-like compute; bench/models.py)"
+    )
     notes = (
         f"{what}, "
         f"{args.dtype} on {args.device}, {args.threads} torch threads in both processes, {args.repeats} alternating pairs "

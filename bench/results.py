@@ -37,14 +37,23 @@ def command() -> str:
 def record(title: str, table: list[str], notes: str = "") -> None:
     """Print `table` and append it with the date, machine and exact command to bench/RESULTS.md."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = [f"## {title}", "", f"- date: {when}", f"- machine: {machine()}", f"- command: `{command()}`", ""]
+    section = [
+        f"## {title}",
+        "",
+        f"- date: {when}",
+        f"- machine: {machine()}",
+        f"- command: `{command()}`",
+        "",
+    ]
     section += table
     if notes:
         section += ["", notes]
     text = "\n".join(section) + "\n\n"
     print(text)
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nNewest last. Each section names its command, machine and date.\n\n")
+        RESULTS.write_text(
+            "# Benchmark results\n\nNewest last. Each section names its command, machine and date.\n\n"
+        )
     with RESULTS.open("a") as f:
         f.write(text)
 

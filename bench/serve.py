@@ -20,8 +20,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PRESET:MODEL")
-    parser.add_argument("--batching", default="auto", choices=("auto", "on", "off"),
-                        help="the server's dynamic batching (auto: the server's default for the device)")
+    parser.add_argument(
+        "--batching",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="the server's dynamic batching (auto: the server's default for the device)",
+    )
     args = parser.parse_args()
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # threads the device worker starts inherit this

@@ -52,9 +52,17 @@ class Row:
         if not self.received:  # the decode-alone row: no transfer, no error
             return [self.name, self.where, "-", "-", "-", self.wall, "-", self.server_cpu, render, "-", "-"]
         return [
-            self.name, self.where, f"{mib(self.sent):.2f}", f"{mib(self.received):.2f}",
-            f"{self.received / fp16_bytes:.3f}", self.wall, self.client_cpu, self.server_cpu, render,
-            f"{self.max_err:.3f}", "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}",
+            self.name,
+            self.where,
+            f"{mib(self.sent):.2f}",
+            f"{mib(self.received):.2f}",
+            f"{self.received / fp16_bytes:.3f}",
+            self.wall,
+            self.client_cpu,
+            self.server_cpu,
+            render,
+            f"{self.max_err:.3f}",
+            "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}",
         ]
 
 
@@ -109,7 +117,9 @@ def encode_file(frame: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def in_process(name: str, fmt: str, uint8: np.ndarray, reference: torch.Tensor, latent_bytes: int, repeats: int) -> Row:
+def in_process(
+    name: str, fmt: str, uint8: np.ndarray, reference: torch.Tensor, latent_bytes: int, repeats: int
+) -> Row:
     """Encode every frame (counted as server CPU) and decode it again (client CPU), on this process."""
     enc_cpu, dec_cpu, walls, encode_walls = [], [], [], []
     for _ in range(repeats):
@@ -124,8 +134,18 @@ def in_process(name: str, fmt: str, uint8: np.ndarray, reference: torch.Tensor, 
         encode_walls.append(w1 - w0)
     max_err, psnr = errors(pixels, reference)
     size = sum(len(f) for f in files)
-    return Row(name, "in-process", latent_bytes, size, median(walls), median(dec_cpu), median(enc_cpu), max_err, psnr,
-               median(encode_walls))
+    return Row(
+        name,
+        "in-process",
+        latent_bytes,
+        size,
+        median(walls),
+        median(dec_cpu),
+        median(enc_cpu),
+        max_err,
+        psnr,
+        median(encode_walls),
+    )
 
 
 # --------------------------------------------------------------------------- through the server
@@ -151,11 +171,25 @@ def over_http(
         client_cpu.append(c1 - c0)
         server_cpu.append(s1 - s0)
     after = metrics(server.url)
-    count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(before, "remote_vae_request_seconds_count")
-    spent = metric_total(after, "remote_vae_render_seconds_sum") - metric_total(before, "remote_vae_render_seconds_sum")
+    count = metric_total(after, "remote_vae_request_seconds_count") - metric_total(
+        before, "remote_vae_request_seconds_count"
+    )
+    spent = metric_total(after, "remote_vae_render_seconds_sum") - metric_total(
+        before, "remote_vae_render_seconds_sum"
+    )
     max_err, psnr = errors(pixels, reference)
-    return Row(name, "server", len(wire.body), len(reply.body), median(walls), median(client_cpu), median(server_cpu),
-               max_err, psnr, spent / count if after is not None and count > 0 else None)
+    return Row(
+        name,
+        "server",
+        len(wire.body),
+        len(reply.body),
+        median(walls),
+        median(client_cpu),
+        median(server_cpu),
+        max_err,
+        psnr,
+        spent / count if after is not None and count > 0 else None,
+    )
 
 
 def decode_alone(model: torch.nn.Module, z: torch.Tensor, repeats: int) -> Row:
@@ -168,42 +202,107 @@ def decode_alone(model: torch.nn.Module, z: torch.Tensor, repeats: int) -> Row:
             model.decode(z)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
-    return Row("decode alone (no transfer)", "in-process", 0, 0, median(walls), 0.0, median(cpus), 0.0, math.inf, None)
+    return Row(
+        "decode alone (no transfer)",
+        "in-process",
+        0,
+        0,
+        median(walls),
+        0.0,
+        median(cpus),
+        0.0,
+        math.inf,
+        None,
+    )
 
 
-def measure(server: Server, url: str, model: torch.nn.Module, z: torch.Tensor, video: bool, repeats: int) -> list[Row]:
+def measure(
+    server: Server, url: str, model: torch.nn.Module, z: torch.Tensor, video: bool, repeats: int
+) -> list[Row]:
     reference = comfy_decode(model, z)
     uint8 = (reference * 255.0).round().to(torch.uint8).numpy()
     latent_bytes = z.numel() * z.element_size()
     frames, height, width = reference.shape[0], reference.shape[1], reference.shape[2]
     size = {} if video else {"height": height, "width": width}  # the peer sends height/width for images
     raw16 = protocol.build_decode_request(z, output_type="pt", do_scaling=False, **size)
-    client.send(url, raw16, retries=0, timeout=(10.0, 900.0))  # warm-up: connection, the server's first decode
+    client.send(
+        url, raw16, retries=0, timeout=(10.0, 900.0)
+    )  # warm-up: connection, the server's first decode
     rows = [
         decode_alone(model, z, repeats),
-        over_http("float16 raw (the HFRemoteVae peer's request)", server, url, raw16, from_raw, reference, repeats),
-        over_http("float32 raw (output_dtype=float32; transfer exact)", server, url,
-                  protocol.build_decode_request(z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")),
-                  from_raw, reference, repeats),
-        over_http("uint8 raw (partial_postprocess; transfer lossless, our default)", server, url,
-                  protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False),
-                  from_uint8, reference, repeats),
+        over_http(
+            "float16 raw (the HFRemoteVae peer's request)", server, url, raw16, from_raw, reference, repeats
+        ),
+        over_http(
+            "float32 raw (output_dtype=float32; transfer exact)",
+            server,
+            url,
+            protocol.build_decode_request(
+                z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")
+            ),
+            from_raw,
+            reference,
+            repeats,
+        ),
+        over_http(
+            "uint8 raw (partial_postprocess; transfer lossless, our default)",
+            server,
+            url,
+            protocol.build_decode_request(z, output_type="pt", partial_postprocess=True, do_scaling=False),
+            from_uint8,
+            reference,
+            repeats,
+        ),
     ]
     if video:
         rows.append(in_process("PNG level 1, per frame", "png", uint8, reference, latent_bytes, repeats))
-        rows.append(in_process(f"JPEG q{JPEG_QUALITY} 4:4:4, per frame", "jpeg", uint8, reference, latent_bytes, repeats))
-        rows.append(in_process("WebP lossless m0, per frame", "webp", uint8, reference, latent_bytes, repeats))
-        rows.append(over_http("mp4 (H.264 yuv420p, libx264 defaults)", server, url,
-                              protocol.build_decode_request(z, output_type="mp4", do_scaling=False),
-                              lambda r: from_mp4(r.body), reference, repeats))
+        rows.append(
+            in_process(
+                f"JPEG q{JPEG_QUALITY} 4:4:4, per frame", "jpeg", uint8, reference, latent_bytes, repeats
+            )
+        )
+        rows.append(
+            in_process("WebP lossless m0, per frame", "webp", uint8, reference, latent_bytes, repeats)
+        )
+        rows.append(
+            over_http(
+                "mp4 (H.264 yuv420p, libx264 defaults)",
+                server,
+                url,
+                protocol.build_decode_request(z, output_type="mp4", do_scaling=False),
+                lambda r: from_mp4(r.body),
+                reference,
+                repeats,
+            )
+        )
     else:
-        rows.append(over_http("PNG level 1 (output_type=pil, image_format=png)", server, url,
-                              protocol.build_decode_request(z, output_type="pil", image_format="png", do_scaling=False),
-                              lambda r: from_image_file(r.body), reference, repeats))
-        rows.append(over_http(f"JPEG q{JPEG_QUALITY} 4:4:4 (pil/jpg, jpeg_quality; transfer compact)", server, url,
-                              protocol.build_decode_request(z, output_type="pil", do_scaling=False,
-                                                            extensions=protocol.Extensions(jpeg_quality=JPEG_QUALITY)),
-                              lambda r: from_image_file(r.body), reference, repeats))
+        rows.append(
+            over_http(
+                "PNG level 1 (output_type=pil, image_format=png)",
+                server,
+                url,
+                protocol.build_decode_request(z, output_type="pil", image_format="png", do_scaling=False),
+                lambda r: from_image_file(r.body),
+                reference,
+                repeats,
+            )
+        )
+        rows.append(
+            over_http(
+                f"JPEG q{JPEG_QUALITY} 4:4:4 (pil/jpg, jpeg_quality; transfer compact)",
+                server,
+                url,
+                protocol.build_decode_request(
+                    z,
+                    output_type="pil",
+                    do_scaling=False,
+                    extensions=protocol.Extensions(jpeg_quality=JPEG_QUALITY),
+                ),
+                lambda r: from_image_file(r.body),
+                reference,
+                repeats,
+            )
+        )
         rows.append(in_process("WebP lossless m0", "webp", uint8, reference, latent_bytes, repeats))
     print(f"{'video' if video else 'image'}: {frames} x {height}x{width} done", flush=True)
     return rows
@@ -213,18 +312,28 @@ def target_line(rows: list[Row]) -> str:
     fp16 = next(r for r in rows if r.name.startswith("float16"))
     u8 = next(r for r in rows if r.name.startswith("uint8"))
     ok = u8.received <= fp16.received / 2 and u8.max_err <= 1.0
-    return (f"uint8 / float16 bytes = {u8.received / fp16.received:.3f} (target <= 0.5), max error "
-            f"{u8.max_err:.3f}/255 (target <= 1): {'met' if ok else 'NOT met'}")
+    return (
+        f"uint8 / float16 bytes = {u8.received / fp16.received:.3f} (target <= 0.5), max error "
+        f"{u8.max_err:.3f}/255 (target <= 1): {'met' if ok else 'NOT met'}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5, help="requests per format (median; default 5)")
-    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads, both processes")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 256x256 image, 13 frames of 64x64, 1 repeat")
+    parser.add_argument(
+        "--threads", type=int, default=default_threads(), help="torch threads, both processes"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 256x256 image, 13 frames of 64x64, 1 repeat"
+    )
     args = parser.parse_args()
     record_as_module("bench.transfer_formats")
-    sd_shape, video_shape = (SD_LATENT, VIDEO_LATENT) if not args.quick else ((1, 4, 32, 32), (1, 16, 4, 8, 8))
+    sd_shape, video_shape = (
+        (SD_LATENT, VIDEO_LATENT) if not args.quick else ((1, 4, 32, 32), (1, 16, 4, 8, 8))
+    )
     repeats = 1 if args.quick else args.repeats
 
     torch.set_num_threads(args.threads)
@@ -235,15 +344,32 @@ def main() -> None:
         image_rows = measure(server, f"{server.url}/sd", sd_model, sd_z, video=False, repeats=repeats)
         video_rows = measure(server, f"{server.url}/hv", video_model, video_z, video=True, repeats=repeats)
 
-    header = ["format", "where", "sent MiB", "received MiB", "received / float16", "wall s", "client CPU s",
-              "server CPU s", "server render ms", "max err 0..255", "PSNR dB"]
-    table = [f"**Image: {sd_shape[2] * 8}x{sd_shape[3] * 8}, SD VAE (sd-small), latent {list(sd_shape)} float32**", ""]
+    header = [
+        "format",
+        "where",
+        "sent MiB",
+        "received MiB",
+        "received / float16",
+        "wall s",
+        "client CPU s",
+        "server CPU s",
+        "server render ms",
+        "max err 0..255",
+        "PSNR dB",
+    ]
+    table = [
+        f"**Image: {sd_shape[2] * 8}x{sd_shape[3] * 8}, SD VAE (sd-small), latent {list(sd_shape)} float32**",
+        "",
+    ]
     fp16 = next(r for r in image_rows if r.name.startswith("float16")).received
     table += markdown_table(header, [r.cells(fp16) for r in image_rows])
     table += ["", target_line(image_rows), ""]
     frames = 4 * (video_shape[2] - 1) + 1
-    table += [f"**Video: {frames} frames of {video_shape[3] * 8}x{video_shape[4] * 8}, HunyuanVideo preset "
-              f"(hv-standin), latent {list(video_shape)} float32**", ""]
+    table += [
+        f"**Video: {frames} frames of {video_shape[3] * 8}x{video_shape[4] * 8}, HunyuanVideo preset "
+        f"(hv-standin), latent {list(video_shape)} float32**",
+        "",
+    ]
     fp16 = next(r for r in video_rows if r.name.startswith("float16")).received
     table += markdown_table(header, [r.cells(fp16) for r in video_rows])
     table += ["", target_line(video_rows)]
@@ -259,7 +385,9 @@ def main() -> None:
     notes += f" ({revision()})"
     if args.quick:
         notes += " QUICK smoke run (--quick): not a measurement."
-    record("Transfer formats: bytes, CPU and error per output format (bench/transfer_formats.py)", table, notes)
+    record(
+        "Transfer formats: bytes, CPU and error per output format (bench/transfer_formats.py)", table, notes
+    )
 
 
 if __name__ == "__main__":

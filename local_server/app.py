@@ -72,7 +72,12 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
         return PlainTextResponse("Ok")
 
     async def list_models(request: Request) -> Response:
-        return JSONResponse({"default": models.names[0] if models.names else None, "models": [m.describe() for m in models.models()]})
+        return JSONResponse(
+            {
+                "default": models.names[0] if models.names else None,
+                "models": [m.describe() for m in models.models()],
+            }
+        )
 
     async def ready(request: Request) -> Response:
         """Readiness for load balancers and probes: 503 while a model is queued or loading, or cannot load.
@@ -89,7 +94,11 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
     private = [Middleware(RequireToken, token=settings.token)]
     job = [
         Middleware(RequestLog, metrics=metrics),
-        Middleware(RequireToken, token=settings.token, on_refusal=lambda: metrics.inc("remote_vae_rejected_total", reason="auth")),
+        Middleware(
+            RequireToken,
+            token=settings.token,
+            on_refusal=lambda: metrics.inc("remote_vae_rejected_total", reason="auth"),
+        ),
     ]
     routes = [
         Route("/", health, methods=["GET"]),
@@ -115,7 +124,12 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
                 expose_headers=["shape", "dtype", "x-request-id"],
             )
         )
-    handlers = {HTTPException: http_error, ServerError: server_error, ProtocolError: bad_request, PresetError: bad_request}
+    handlers = {
+        HTTPException: http_error,
+        ServerError: server_error,
+        ProtocolError: bad_request,
+        PresetError: bad_request,
+    }
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
@@ -194,7 +208,9 @@ class JobEndpoints:
     async def _decode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         # Parsing copies the body and scans it for NaN: CPU work for the pool, not the event loop.
         on_cpu = self.models.workers.on_cpu
-        req = await on_cpu(protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body)
+        req = await on_cpu(
+            protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body
+        )
         ex.shape = list(req.tensor.shape)
         latent, spec = self._checked_decode(hosted, req)
         await on_cpu(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
@@ -205,7 +221,9 @@ class JobEndpoints:
         ex.render_seconds = time.perf_counter() - started
         return Response(content, headers=headers)
 
-    def _checked_decode(self, hosted: HostedModel, req: protocol.DecodeRequest) -> tuple[torch.Tensor, OutputSpec]:
+    def _checked_decode(
+        self, hosted: HostedModel, req: protocol.DecodeRequest
+    ) -> tuple[torch.Tensor, OutputSpec]:
         """The latent unpacked and checked against the model, the limits and the answer's format: first
         on the declared meta tensor (before the body is read), then on the real one."""
         body = nbytes(req.tensor)
@@ -220,7 +238,9 @@ class JobEndpoints:
         else:
             frames = preset.frames_for(latent.shape[2]) if latent.ndim == 5 else 1
             spatial = preset.spatial_compression
-            self.limits.check_output(latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial)
+            self.limits.check_output(
+                latent.shape[0], frames, latent.shape[-2] * spatial, latent.shape[-1] * spatial
+            )
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
         if not audio:
@@ -244,7 +264,9 @@ class JobEndpoints:
 
     async def _encode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
         on_cpu = self.models.workers.on_cpu
-        req = await on_cpu(protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body)
+        req = await on_cpu(
+            protocol.parse_encode_request, request.query_params.multi_items(), request.headers, body
+        )
         out_dtype = req.extensions.torch_output_dtype(protocol.DTYPES["float32"])
         pixels = await on_cpu(self._encoder_input, hosted, req, len(body))
         ex.shape = list(pixels.shape)

@@ -59,7 +59,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         cost = self._cost(tensor)
         pending = self._pending.get(key)
-        if pending and (pending.elements + cost > self._max_elements or len(pending.tensors) >= self._max_items):
+        if pending and (
+            pending.elements + cost > self._max_elements or len(pending.tensors) >= self._max_items
+        ):
             self._flush(key)
             pending = None
         if pending is None:
@@ -106,7 +108,9 @@ class Batcher:
                 future.set_result((part, shared))
 
 
-def decode_activation_elements(latent: torch.Tensor, spatial: int, temporal: int = 1, widest: int = 128) -> int:
+def decode_activation_elements(
+    latent: torch.Tensor, spatial: int, temporal: int = 1, widest: int = 128
+) -> int:
     """Elements of a decoder's biggest activation for `latent`: `widest` channels at full resolution
     (audio latents [B,C,L]: `spatial` samples a latent step)."""
     if latent.ndim == 3:

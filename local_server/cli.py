@@ -145,7 +145,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         request_timeout=args.request_timeout,
     )
     uploads = UploadLimits(idle_timeout=args.upload_timeout, min_rate=args.min_upload_rate)
-    return Settings(limits=limits, uploads=uploads, token=load_token(args.token_file), cors_origins=tuple(args.cors_origin))
+    return Settings(
+        limits=limits,
+        uploads=uploads,
+        token=load_token(args.token_file),
+        cors_origins=tuple(args.cors_origin),
+    )
 
 
 def max_in_flight(args: argparse.Namespace) -> int:
@@ -161,7 +166,9 @@ def tuning_from(args: argparse.Namespace) -> Tuning:
         batching={"auto": None, "on": True, "off": False}[args.batching],
         batch_window=args.batch_window,
         memory_budget=args.memory_budget,
-        accel=Accel(channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark, compile=args.compile),
+        accel=Accel(
+            channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark, compile=args.compile
+        ),
     )
 
 
@@ -186,7 +193,9 @@ def base_url(host: str, port: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if resolve_device(args.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available; use --device cpu")
@@ -213,12 +222,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for i, model in enumerate(models.models()):
         default = f"  (also {url}/)" if i == 0 else ""
         dtype = str(model.dtype).removeprefix("torch.")
-        print(f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}")
+        print(
+            f"remote-vae-server: {model.name} [{model.preset.name}, {model.device}, {dtype}] at {url}/{model.name}{default}"
+        )
     print(f"remote-vae-server: model list at {url}/v1/models", flush=True)
     try:
         # On SIGTERM/SIGINT uvicorn stops accepting, refuses uploads in progress, lets running requests
         # finish within --shutdown-timeout, then returns.
-        config = uvicorn_config(app, connection_limits_from(args), host=args.host, port=args.port, log_level=args.log_level)
+        config = uvicorn_config(
+            app, connection_limits_from(args), host=args.host, port=args.port, log_level=args.log_level
+        )
         uvicorn.Server(config).run()
     finally:
         models.close()

@@ -49,7 +49,9 @@ class Workers:
 
     def add(self, device: torch.device) -> None:
         if str(device) not in self._devices:
-            self._devices[str(device)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"remote-vae-{device}")
+            self._devices[str(device)] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"remote-vae-{device}"
+            )
 
     def submit(self, device: torch.device, fn: Callable[..., T], *args: Any) -> Future[T]:
         return self._devices[str(device)].submit(fn, *args)

@@ -83,7 +83,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to anything its parser refuses: ours, as JSON."""
-        status, message = self.refusal or (400, "invalid HTTP request: the request line or headers are not HTTP/1.1")
+        status, message = self.refusal or (
+            400,
+            "invalid HTTP request: the request line or headers are not HTTP/1.1",
+        )
         self.refuse(status, message)
 
     def _headers_timed_out(self) -> None:
@@ -92,7 +95,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # an idle new connection: nobody to answer
             return
         timeout = self.limits.header_timeout
-        self.refuse(408, f"the request line and headers did not arrive within {timeout:g} s; send them at once")
+        self.refuse(
+            408, f"the request line and headers did not arrive within {timeout:g} s; send them at once"
+        )
 
     def _headers_too_large(self, size: int) -> str:
         return f"request line and headers of {size} bytes or more exceed the server's limit of {self.limits.max_header_bytes} bytes"
@@ -122,14 +127,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _send_timed_out(self) -> None:
         self.timers.pop("send", None)
-        log.info("%s read nothing of its response for %g s: connection closed", self._peer(), self.limits.send_timeout)
+        log.info(
+            "%s read nothing of its response for %g s: connection closed",
+            self._peer(),
+            self.limits.send_timeout,
+        )
         self.transport.abort()  # drops what is buffered; the app's pending send returns at once
 
     def shutdown(self) -> None:
         """SIGTERM: a request whose body is still arriving is refused now, not waited for."""
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not cycle.response_started:
-            self.refuse(503, "the server is shutting down: send the request again (to another server)", {"retry-after": "5"})
+            self.refuse(
+                503,
+                "the server is shutting down: send the request again (to another server)",
+                {"retry-after": "5"},
+            )
             return
         super().shutdown()
 
@@ -145,7 +158,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app's task ends: its receive says disconnect, its sends are dropped
+            self.cycle.disconnected = (
+                True  # the app's task ends: its receive says disconnect, its sends are dropped
+            )
             self.cycle.message_event.set()
         body = protocol.error_body(without_addresses(message))
         fields = [
@@ -155,7 +170,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             (b"connection", b"close"),
             *((name.encode(), value.encode()) for name, value in (headers or {}).items()),
         ]
-        self.transport.write(STATUS_LINE[status] + b"".join(name + b": " + value + b"\r\n" for name, value in fields) + b"\r\n" + body)
+        self.transport.write(
+            STATUS_LINE[status]
+            + b"".join(name + b": " + value + b"\r\n" for name, value in fields)
+            + b"\r\n"
+            + body
+        )
         self.transport.close()
         log.info("%s refused with %d: %s", self._peer(), status, message)
 

@@ -43,7 +43,9 @@ class Op:
     into_model: ScaleFn  # on the input before the model (decode: diffusion -> VAE space)
     out_of_model: ScaleFn  # on the output after it (encode: VAE -> diffusion space)
     takes_pixels: bool  # pixels in and latents out (encode), or the other way round
-    batch_cost: Callable[[torch.Tensor, Geometry], int] | None = None  # elements a batch creates; None: never batched
+    batch_cost: Callable[[torch.Tensor, Geometry], int] | None = (
+        None  # elements a batch creates; None: never batched
+    )
 
     def run(self, backend: Backend, x: torch.Tensor) -> torch.Tensor:
         return getattr(backend, self.name)(x)
@@ -68,7 +70,9 @@ def _decode_cost(z: torch.Tensor, g: Geometry) -> int:
     return decode_activation_elements(z, g.spatial_compression, g.temporal_compression)
 
 
-DECODE = Op("decode", into_model=to_vae_space, out_of_model=as_is, takes_pixels=False, batch_cost=_decode_cost)
+DECODE = Op(
+    "decode", into_model=to_vae_space, out_of_model=as_is, takes_pixels=False, batch_cost=_decode_cost
+)
 ENCODE = Op("encode", into_model=as_is, out_of_model=to_diffusion_space, takes_pixels=True)
 
 
@@ -186,7 +190,10 @@ class JobRunner:
     def _planned(self, job: Job, backend: Backend, x: torch.Tensor, stats: JobStats) -> torch.Tensor:
         """Whole, split by batch, or tiled, as memory allows; out of memory falls back to smaller plans."""
         unit = job.op.input_per_latent(backend.geometry)
-        latent_hw = (1 if x.ndim == 3 else x.shape[-2] // unit, x.shape[-1] // unit)  # audio: [B,C,L] or [B,ch,samples]
+        latent_hw = (
+            1 if x.ndim == 3 else x.shape[-2] // unit,
+            x.shape[-1] // unit,
+        )  # audio: [B,C,L] or [B,ch,samples]
         per_item = job.op.estimate(backend, tuple(x.shape), x.dtype)
         budget = self.options.memory_budget or memory.free_bytes(job.model.device)
         mode, size = job.options.mode, job.options.size
@@ -198,7 +205,12 @@ class JobRunner:
                 stats.tiled = stats.tiled or attempt.tiled
                 return out
             except torch.OutOfMemoryError:
-                log.warning("%s %s ran out of memory with %s; trying a smaller plan", job.model.name, job.op.name, attempt)
+                log.warning(
+                    "%s %s ran out of memory with %s; trying a smaller plan",
+                    job.model.name,
+                    job.op.name,
+                    attempt,
+                )
                 stats.fallbacks.append("oom")
                 if job.model.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -219,7 +231,9 @@ class JobRunner:
                 return own
             unit_in, unit_out = op.input_per_latent(geometry), op.output_per_latent(geometry)
             scale = unit_out / unit_in  # output pixels per input pixel
-            return run_tiled(whole, t, tile=plan.tile * unit_in, overlap=plan.overlap * unit_in, scale=scale).to(t.dtype)
+            return run_tiled(
+                whole, t, tile=plan.tile * unit_in, overlap=plan.overlap * unit_in, scale=scale
+            ).to(t.dtype)
 
         step = tiled if plan.tiled else whole
         chunks = [step(chunk) for chunk in x.split(plan.batch)]

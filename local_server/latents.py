@@ -36,7 +36,9 @@ def unpack_latents(latent: torch.Tensor, height: int, width: int, spatial: int) 
     return x.reshape(batch, channels, h, w)
 
 
-def prepare_latent(preset: Preset, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+def prepare_latent(
+    preset: Preset, latent: torch.Tensor, height: int | None, width: int | None
+) -> torch.Tensor:
     """Validate a latent against the hosted model's `preset`: a 3-D latent is packed for an image model
     (unpacked here, from `height` and `width`) and [B,C,L] for an audio model (which takes no size)."""
     if latent.ndim == 3 and preset.dims == 2:
@@ -124,7 +126,9 @@ def to_diffusion_space(z: torch.Tensor, scaling: Scaling, factors: Factors, pres
 
 def _not_finite(scaling: Scaling, formula: str, preset: Preset) -> str:
     sent = (("scaling_factor", scaling.scaling_factor), ("shift_factor", scaling.shift_factor))
-    named = " and ".join(f"{name}={value!r}" for name, value in sent if value is not None) or "do_scaling=True"
+    named = (
+        " and ".join(f"{name}={value!r}" for name, value in sent if value is not None) or "do_scaling=True"
+    )
     own = "" if preset.uses_mean_std else f" or scaling_factor={preset.scaling_factor}"
     return f"{named} makes the latents infinite or NaN in float32 ({formula}); send do_scaling=True{own}"
 

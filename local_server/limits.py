@@ -63,7 +63,9 @@ class Limits:
                 f"{self.max_pixels} pixels (--max-pixels)"
             )
         if frames > self.max_frames:
-            raise LimitExceeded(f"{frames} frames exceed the server's limit of {self.max_frames} frames (--max-frames)")
+            raise LimitExceeded(
+                f"{frames} frames exceed the server's limit of {self.max_frames} frames (--max-frames)"
+            )
         if batch * frames * height * width > self.max_batch_pixels:  # a video's frames count like images
             what, fewer = f"{batch} x {width}x{height}", "images"
             if frames > 1:
@@ -132,7 +134,9 @@ class Admission:
     def slot(self) -> Iterator[None]:
         if self.active >= self.capacity:
             self._metrics.inc("remote_vae_rejected_total", reason="queue_full")
-            raise ServerBusy(f"the server is busy ({self.capacity} requests in progress or queued); retry shortly")
+            raise ServerBusy(
+                f"the server is busy ({self.capacity} requests in progress or queued); retry shortly"
+            )
         self._count(+1)
         try:
             yield

@@ -328,4 +328,3 @@ def _check_class(preset: Preset, class_name: str | None, what: str) -> None:
 def _summary(config: dict) -> str:
     keys = ("block_out_channels", "layers_per_block", "latent_channels", "base_dim", "z_dim", "dim_mult")
     return "{" + ", ".join(f"{k}={config[k]}" for k in keys if k in config) + "}"
-

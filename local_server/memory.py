@@ -42,23 +42,33 @@ class Footprint:
     what: str
 
 
-def decode_footprint(preset: Preset, latent: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int) -> Footprint:
+def decode_footprint(
+    preset: Preset, latent: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int
+) -> Footprint:
     """A decode of `latent` ([B,C,h,w] or [B,C,T,h,w], unpacked) by a model in `dtype` on `device`."""
     height, width = latent[-2:]
     frames = preset.frames_for(latent[2]) if len(latent) == 5 else 1
     s = preset.spatial_compression
     values = latent[0] * 3 * frames * height * s * width * s
     least = _least_activations(decode_bytes(preset, latent, dtype), MIN_TILE, (height, width))
-    return _footprint(body, values, dtype, least, device, f"an answer of {values} pixel values and its conversions")
+    return _footprint(
+        body, values, dtype, least, device, f"an answer of {values} pixel values and its conversions"
+    )
 
 
-def encode_footprint(preset: Preset, pixels: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int) -> Footprint:
+def encode_footprint(
+    preset: Preset, pixels: tuple[int, ...], dtype: torch.dtype, device: torch.device, body: int
+) -> Footprint:
     """An encode of `pixels` ([B,3,H,W] or [B,3,F,H,W], cropped) by a model in `dtype` on `device`."""
     values = 1
     for size in pixels:
         values *= size
-    least = _least_activations(encode_bytes(preset, pixels, dtype), MIN_TILE * preset.spatial_compression, pixels[-2:])
-    return _footprint(body, values, dtype, least, device, f"{values} input pixel values and their conversions")
+    least = _least_activations(
+        encode_bytes(preset, pixels, dtype), MIN_TILE * preset.spatial_compression, pixels[-2:]
+    )
+    return _footprint(
+        body, values, dtype, least, device, f"{values} input pixel values and their conversions"
+    )
 
 
 def audio_footprint(
@@ -69,7 +79,9 @@ def audio_footprint(
     at MIN_TILE latent steps."""
     values = audio[0] * audio[1] * audio[2]
     least = int(per_clip * min(1.0, MIN_TILE / max(1, steps)))
-    return _footprint(body, values, dtype, least, device, f"{values} audio sample values and their conversions")
+    return _footprint(
+        body, values, dtype, least, device, f"{values} audio sample values and their conversions"
+    )
 
 
 def audio_bytes(samples: int, dtype: torch.dtype) -> int:
@@ -84,7 +96,9 @@ def _least_activations(per_item: int, side: int, spatial: tuple[int, ...]) -> in
     return int(per_item * min(1.0, side * side / (height * width)))
 
 
-def _footprint(body: int, values: int, dtype: torch.dtype, activations: int, device: torch.device, what: str) -> Footprint:
+def _footprint(
+    body: int, values: int, dtype: torch.dtype, activations: int, device: torch.device, what: str
+) -> Footprint:
     on_device = values * (element_size(dtype) + 4) + activations  # in the model's dtype, then the answer's
     host = 2 * body + values * HOST_BYTES_PER_VALUE + (activations if device.type == "cpu" else 0)
     return Footprint(host, on_device, what)

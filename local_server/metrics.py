@@ -39,7 +39,9 @@ class _Metric:
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     values: dict[tuple[str, ...], float] = field(default_factory=dict)
-    histograms: dict[tuple[str, ...], list[float]] = field(default_factory=dict)  # bucket counts + sum + count
+    histograms: dict[tuple[str, ...], list[float]] = field(
+        default_factory=dict
+    )  # bucket counts + sum + count
 
 
 class Metrics:
@@ -53,7 +55,9 @@ class Metrics:
     def gauge(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
         self._metrics[name] = _Metric(name, help, "gauge", tuple(labels))
 
-    def histogram(self, name: str, help: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+    def histogram(
+        self, name: str, help: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> None:
         self._metrics[name] = _Metric(name, help, "histogram", tuple(labels), tuple(sorted(buckets)))
 
     def _key(self, metric: _Metric, labels: dict[str, str]) -> tuple[str, ...]:
@@ -96,8 +100,12 @@ class Metrics:
                 for key, state in sorted(metric.histograms.items()):
                     for bound, count in zip(metric.buckets, state):
                         le = f'le="{_number(bound)}"'
-                        lines.append(f"{metric.name}_bucket{_labels(metric.labels, key, le)} {_number(count)}")
-                    lines.append(f"{metric.name}_bucket{_labels(metric.labels, key, INF_LE)} {_number(state[-1])}")
+                        lines.append(
+                            f"{metric.name}_bucket{_labels(metric.labels, key, le)} {_number(count)}"
+                        )
+                    lines.append(
+                        f"{metric.name}_bucket{_labels(metric.labels, key, INF_LE)} {_number(state[-1])}"
+                    )
                     lines.append(f"{metric.name}_sum{_labels(metric.labels, key)} {_number(state[-2])}")
                     lines.append(f"{metric.name}_count{_labels(metric.labels, key)} {_number(state[-1])}")
         return "\n".join(lines) + "\n"
@@ -106,15 +114,25 @@ class Metrics:
 def server_metrics() -> Metrics:
     """The metrics our VAE server records (names follow Prometheus conventions)."""
     r = Metrics()
-    r.counter("remote_vae_requests_total", "Requests by model, operation, outcome and HTTP status.", ("model", "op", "outcome", "status"))
+    r.counter(
+        "remote_vae_requests_total",
+        "Requests by model, operation, outcome and HTTP status.",
+        ("model", "op", "outcome", "status"),
+    )
     r.histogram("remote_vae_queue_seconds", "Time a request waited for a device worker.", ("model", "op"))
     r.histogram("remote_vae_compute_seconds", "Time on the device (decode or encode).", ("model", "op"))
-    r.histogram("remote_vae_render_seconds", "Time spent rendering the response (JPEG/PNG/mp4/raw).", ("model", "op"))
+    r.histogram(
+        "remote_vae_render_seconds", "Time spent rendering the response (JPEG/PNG/mp4/raw).", ("model", "op")
+    )
     r.histogram("remote_vae_request_seconds", "Whole request time.", ("model", "op"))
     r.gauge("remote_vae_queue_depth", "Requests admitted and not yet finished.")
     r.counter("remote_vae_bytes_in_total", "Request body bytes.", ("model",))
     r.counter("remote_vae_bytes_out_total", "Response body bytes.", ("model",))
     r.counter("remote_vae_tiled_total", "Jobs that ran tiled.", ("model",))
     r.counter("remote_vae_fallback_total", "Out-of-memory or NaN fallbacks taken.", ("model", "kind"))
-    r.counter("remote_vae_rejected_total", "Requests refused before running (queue full, limits, auth).", ("reason",))
+    r.counter(
+        "remote_vae_rejected_total",
+        "Requests refused before running (queue full, limits, auth).",
+        ("reason",),
+    )
     return r

@@ -113,11 +113,17 @@ def check_output_fits(spec: OutputSpec, preset: Preset, latent: torch.Tensor, mo
             "use output_type=pt (optionally with partial_postprocess=True), or send one image per request"
         )
     if spec.kind == MP4 and not preset.is_video:
-        raise ProtocolError(f"output_type=mp4 needs a video model; {model_name} decodes images: use pil or pt")
+        raise ProtocolError(
+            f"output_type=mp4 needs a video model; {model_name} decodes images: use pil or pt"
+        )
     if spec.kind == MP4 and batch > 1:
-        raise ProtocolError(f"output_type=mp4 returns one video but the latent holds {batch}; send one video per request")
+        raise ProtocolError(
+            f"output_type=mp4 returns one video but the latent holds {batch}; send one video per request"
+        )
     height, width = (side * preset.spatial_compression for side in latent.shape[-2:])
-    if spec.kind == MP4 and max(height + height % 2, width + width % 2) > MAX_MP4_SIDE:  # odd sides are padded
+    if (
+        spec.kind == MP4 and max(height + height % 2, width + width % 2) > MAX_MP4_SIDE
+    ):  # odd sides are padded
         raise LimitExceeded(
             f"output_type=mp4 of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
             f"{MAX_MP4_SIDE} pixels per side; decode a smaller video, or use output_type=pt"
@@ -175,7 +181,9 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -39,7 +39,9 @@ def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
     return wrapped
 
 
-def asgi_builder(models: list[str], device: str, dtype: str, comfyui: str | None = None) -> Callable[[], Callable]:
+def asgi_builder(
+    models: list[str], device: str, dtype: str, comfyui: str | None = None
+) -> Callable[[], Callable]:
     """A builder Ray evaluates on each replica: its own ModelRegistry and app (models load on first use)."""
 
     def build_app() -> Callable:
@@ -83,7 +85,9 @@ def deployment_options(args: Mapping[str, str]) -> dict[str, Any]:
 def build(args: Mapping[str, str]) -> serve.Application:
     """The application builder for `serve run remote_vae.local_server.ray_app:build key=value ...`."""
     models = [spec.strip() for spec in args.get("models", "").split(";") if spec.strip()]
-    builder = asgi_builder(models, args.get("device", "auto"), args.get("dtype", "auto"), args.get("comfyui") or None)
+    builder = asgi_builder(
+        models, args.get("device", "auto"), args.get("dtype", "auto"), args.get("comfyui") or None
+    )
 
     @serve.ingress(builder)
     class RemoteVAEReplica:

@@ -106,7 +106,13 @@ class ModelRegistry:
             raise ValueError(f"model name {name!r} is used twice")
         dev = resolve_device(device)
         hosted = HostedModel(
-            name, preset, source, dev, resolve_dtype(dtype, preset, dev), geometry or Geometry.of(preset), self.loader.name
+            name,
+            preset,
+            source,
+            dev,
+            resolve_dtype(dtype, preset, dev),
+            geometry or Geometry.of(preset),
+            self.loader.name,
         )
         if model is not None:
             hosted.backend = self.loader.wrap(model, preset, self._placement(hosted))
@@ -149,10 +155,15 @@ class ModelRegistry:
             backend = self.loader.load(hosted.preset, hosted.source, self._placement(hosted))
         except Exception as exc:
             message = self._failure(hosted, source, exc)
-            log.error("%s", message, exc_info=not isinstance(exc, ModelLoadError))  # expected ones need no traceback
+            log.error(
+                "%s", message, exc_info=not isinstance(exc, ModelLoadError)
+            )  # expected ones need no traceback
             self._set_state(hosted, "failed", message)
             raise ModelUnavailable(message) from exc
-        hosted.backend, hosted.dtype = backend, backend.placement.dtype  # the comfy backend may choose its dtype
+        hosted.backend, hosted.dtype = (
+            backend,
+            backend.placement.dtype,
+        )  # the comfy backend may choose its dtype
         self._set_state(hosted, "loaded")
         log.info("model %s loaded on %s as %s", hosted.name, hosted.device, hosted.dtype)
         return backend

@@ -59,7 +59,10 @@ class RequestLog:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", ex.request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", ex.request_id.encode())],
+                }
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 if not message.get("more_body", False):  # counted before the client can ask /metrics again
@@ -69,7 +72,9 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_logged)
         except ClientDisconnect:  # read by something other than uploads.read_body: the same 499
-            await error_response(ClientClosed.status, "the client closed the connection")(scope, receive, send_logged)
+            await error_response(ClientClosed.status, "the client closed the connection")(
+                scope, receive, send_logged
+            )
         except Exception as exc:  # a server fault: log it whole, answer briefly, keep serving
             log.exception("request to %s failed", scope["path"])
             message = f"internal server error: {type(exc).__name__}: {str(exc)[:300]}"
@@ -77,7 +82,9 @@ class RequestLog:
 
     def _account(self, ex: Exchange, status: int, bytes_out: int, seconds: float) -> None:
         metrics, model, op = self.metrics, ex.model, ex.op
-        metrics.inc("remote_vae_requests_total", model=model, op=op, outcome=outcome_of(status), status=str(status))
+        metrics.inc(
+            "remote_vae_requests_total", model=model, op=op, outcome=outcome_of(status), status=str(status)
+        )
         metrics.observe("remote_vae_request_seconds", seconds, model=model, op=op)
         metrics.inc("remote_vae_bytes_in_total", ex.bytes_in, model=model)
         metrics.inc("remote_vae_bytes_out_total", bytes_out, model=model)

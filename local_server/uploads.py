@@ -67,7 +67,9 @@ async def read_body(request: Request, limits: Limits, upload: UploadLimits) -> b
         except asyncio.TimeoutError:
             raise UploadTooSlow(upload.complaint(size, clock() - started)) from None
         except ClientDisconnect:
-            raise ClientClosed(f"the client closed the connection after {size} bytes of the request body") from None
+            raise ClientClosed(
+                f"the client closed the connection after {size} bytes of the request body"
+            ) from None
         size += len(chunk)
         limits.check_body(size)
         chunks.append(chunk)

@@ -16,7 +16,10 @@ TransferMode = Literal["lossless", "exact", "compact"]
 TRANSFER_DECODE: tuple[TransferMode, ...] = get_args(TransferMode)
 TRANSFER_VIDEO: tuple[TransferMode, ...] = ("lossless", "exact")
 TRANSFER_ENCODE: tuple[TransferMode, ...] = ("lossless", "exact")
-TRANSFER_LOADER: tuple[TransferMode, ...] = ("exact", "lossless")  # exact first: equal to the file loaded here
+TRANSFER_LOADER: tuple[TransferMode, ...] = (
+    "exact",
+    "lossless",
+)  # exact first: equal to the file loaded here
 
 DEFAULT_TIMEOUT = 300
 MIN_TIMEOUT = 5

@@ -22,7 +22,11 @@ def overridden(existing: Mapping[str, type], ours: Mapping[str, type]) -> list[s
     messages = []
     for node_id, cls in ours.items():
         theirs = existing.get(node_id)
-        if theirs is None or theirs is cls or getattr(theirs, "__module__", "").startswith(cls.__module__.split(".")[0]):
+        if (
+            theirs is None
+            or theirs is cls
+            or getattr(theirs, "__module__", "").startswith(cls.__module__.split(".")[0])
+        ):
             continue
         pack = getattr(theirs, "RELATIVE_PYTHON_MODULE", None) or theirs.__module__
         messages.append(

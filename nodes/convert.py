@@ -39,7 +39,9 @@ def extensions(*, float32: bool = False, tile_size: int | None = None) -> protoc
     )
 
 
-def decode_request(latent: torch.Tensor, transfer: TransferMode, tile_size: int | None = None) -> protocol.WireRequest:
+def decode_request(
+    latent: torch.Tensor, transfer: TransferMode, tile_size: int | None = None
+) -> protocol.WireRequest:
     """The request for one chunk of raw latents: scaling off, output form chosen by `transfer`."""
     if latent.dtype not in SEND_DTYPES:
         latent = latent.float()
@@ -50,7 +52,10 @@ def decode_request(latent: torch.Tensor, transfer: TransferMode, tile_size: int 
         )
     if transfer == "exact":
         return protocol.build_decode_request(
-            latent, output_type="pt", do_scaling=False, extensions=extensions(float32=True, tile_size=tile_size)
+            latent,
+            output_type="pt",
+            do_scaling=False,
+            extensions=extensions(float32=True, tile_size=tile_size),
         )
     if transfer == "compact":
         return protocol.build_decode_request(
@@ -107,7 +112,11 @@ def crop_pixels(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def encode_request(
-    pixels: torch.Tensor, transfer: TransferMode, as_video: bool, as_png: bool = False, tile_size: int | None = None
+    pixels: torch.Tensor,
+    transfer: TransferMode,
+    as_video: bool,
+    as_png: bool = False,
+    tile_size: int | None = None,
 ) -> protocol.WireRequest:
     """The request for IMAGE pixels [B,H,W,3]: uint8 NHWC (lossless) or float32 NCHW in [-1,1] (exact).
 
@@ -177,7 +186,9 @@ def latent_from_reply(
 
 def audio_request(waveform: torch.Tensor, tile_size: int | None = None) -> protocol.WireRequest:
     """The encode request for audio [B,channels,samples]: float32 as it is (docs/protocol.md: audio is raw)."""
-    return protocol.build_encode_request(waveform.float().contiguous(), extensions=extensions(tile_size=tile_size))
+    return protocol.build_encode_request(
+        waveform.float().contiguous(), extensions=extensions(tile_size=tile_size)
+    )
 
 
 def audio_from_reply(reply: Reply, channels: int, latent_shape: Sequence[int]) -> torch.Tensor:

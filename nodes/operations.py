@@ -82,7 +82,12 @@ def with_server_model(request: NodeRequest, operation: protocol.Operation) -> No
     model list (Hugging Face's, other servers) keep the guess from the latent's shape; a server that
     cannot be reached at all is an error here already."""
     endpoints = split_endpoints(request.endpoint or "")
-    if request.preset != AUTO or request.model is not None or not endpoints or any(map(is_hugging_face, endpoints)):
+    if (
+        request.preset != AUTO
+        or request.model is not None
+        or not endpoints
+        or any(map(is_hugging_face, endpoints))
+    ):
         return request
     endpoint_url(request.endpoint, None, operation)  # a URL that is not one says so before anything is sent
     try:
@@ -90,7 +95,9 @@ def with_server_model(request: NodeRequest, operation: protocol.Operation) -> No
     except TokenError:
         return request  # Connection.for_request says what is wrong with the configuration
     try:
-        model = describe_model(request.endpoint, tokens=tokens, timeout=min(CONNECT_TIMEOUT, float(request.timeout)))
+        model = describe_model(
+            request.endpoint, tokens=tokens, timeout=min(CONNECT_TIMEOUT, float(request.timeout))
+        )
     except RemoteVAEError as exc:
         if exc.status is None:
             raise
@@ -124,7 +131,9 @@ class Connection:
 
     url: str
     timeout: int = DEFAULT_TIMEOUT
-    tokens: TokenStore = field(default_factory=TokenStore)  # bound in local configuration, never in a workflow
+    tokens: TokenStore = field(
+        default_factory=TokenStore
+    )  # bound in local configuration, never in a workflow
     interrupted: Callable[[], bool] = comfy_runtime.interrupted
 
     @classmethod
@@ -190,7 +199,11 @@ def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions =
     check_layout(shape, video_only=request.video_only)
     request = with_server_model(request, "decode")
     chosen = decode_preset(
-        request.preset, shape, has_endpoint=request.has_endpoint, video_only=request.video_only, described=request.model
+        request.preset,
+        shape,
+        has_endpoint=request.has_endpoint,
+        video_only=request.video_only,
+        described=request.model,
     )
     if transfer == "compact" and len(shape) == 5:
         raise NodeInputError(
@@ -260,7 +273,9 @@ def encode_image(pixels: torch.Tensor, request: NodeRequest, run: RunOptions = R
 # --------------------------------------------------------------------------- audio (a Remote VAE Loader's VAE)
 
 
-def decode_audio(samples: torch.Tensor, request: NodeRequest, channels: int, run: RunOptions = RunOptions()) -> Outcome:
+def decode_audio(
+    samples: torch.Tensor, request: NodeRequest, channels: int, run: RunOptions = RunOptions()
+) -> Outcome:
     """Audio latents -> audio [B,channels,samples] (float32, raw), one request per item."""
     return _per_item(
         samples, request, run, "decode",
@@ -289,7 +304,9 @@ def _per_item(
 ) -> Outcome:
     conn = Connection.for_request(request, _described(request), operation, run)
     parts = [items[i : i + 1] for i in range(items.shape[0])]
-    return _run([_job(conn, partial(build, part), partial(read, shape=list(part.shape))) for part in parts], run)
+    return _run(
+        [_job(conn, partial(build, part), partial(read, shape=list(part.shape))) for part in parts], run
+    )
 
 
 def _described(request: NodeRequest) -> Preset:

@@ -40,7 +40,12 @@ def check_layout(shape: Sequence[int], *, video_only: bool = False) -> None:
 
 
 def decode_preset(
-    name: str, shape: Sequence[int], *, has_endpoint: bool, video_only: bool = False, described: Preset | None = None
+    name: str,
+    shape: Sequence[int],
+    *,
+    has_endpoint: bool,
+    video_only: bool = False,
+    described: Preset | None = None,
 ) -> Preset:
     """The preset a LATENT is decoded with.
 

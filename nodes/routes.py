@@ -47,7 +47,15 @@ async def check_endpoint(
     Returns `{"ok", "endpoint", "status", "models", "error"}`; never raises for a bad URL, a refused
     connection, a timeout or a reply that is not what a VAE server sends.
     """
-    result = {"ok": False, "endpoint": endpoint, "status": None, "models": [], "ready": None, "not_ready": [], "error": ""}
+    result = {
+        "ok": False,
+        "endpoint": endpoint,
+        "status": None,
+        "models": [],
+        "ready": None,
+        "not_ready": [],
+        "error": "",
+    }
     try:
         url = parse_endpoint(endpoint)
         headers = auth_headers(str(url), store)
@@ -71,14 +79,18 @@ async def _check(session: aiohttp.ClientSession, url: URL, result: dict) -> None
     status, body, content_type = await _get(session, health_url)
     result["status"] = status
     if status != 200:
-        raise CheckError(f"GET {health_url} answered {status} {_reason(status)}{_snippet(body, content_type)}")
+        raise CheckError(
+            f"GET {health_url} answered {status} {_reason(status)}{_snippet(body, content_type)}"
+        )
     if models_status in (401, 403):
         raise CheckError(
             f"server is up but GET {base / 'v1/models'} answered {models_status}: it wants a token; "
             f"bind one to {url.origin()} in Settings > Remote VAE"
         )
     if models_status is not None and models_status != 200:
-        raise CheckError(f"server is up but GET {base / 'v1/models'} answered {models_status} {_reason(models_status)}")
+        raise CheckError(
+            f"server is up but GET {base / 'v1/models'} answered {models_status} {_reason(models_status)}"
+        )
     result["models"] = models
     if base is not None:
         result["ready"], result["not_ready"] = await _readiness(session, base)
@@ -216,7 +228,9 @@ def tokens_path() -> Path:
 async def list_tokens_route(request: web.Request) -> web.Response:
     """The origins bound in the settings file and in REMOTE_VAE_TOKENS, with their flags; never a token."""
     try:
-        saved = [{"origin": b.origin, "allow_http": b.allow_http} for b in tokens.read_settings(tokens_path())]
+        saved = [
+            {"origin": b.origin, "allow_http": b.allow_http} for b in tokens.read_settings(tokens_path())
+        ]
         environment = sorted(tokens.parse_pairs(os.environ.get(tokens.TOKENS_ENV, "")))
     except tokens.TokenError as exc:
         return web.json_response({"servers": [], "environment": [], "error": str(exc)})

@@ -26,7 +26,16 @@ VAE_TIP = "Optional local VAE: used, with a warning, when the remote server fail
 
 
 def _timeout_input() -> tuple:
-    return ("INT", {"default": DEFAULT_TIMEOUT, "min": MIN_TIMEOUT, "max": MAX_TIMEOUT, "step": 1, "tooltip": TIMEOUT_TIP})
+    return (
+        "INT",
+        {
+            "default": DEFAULT_TIMEOUT,
+            "min": MIN_TIMEOUT,
+            "max": MAX_TIMEOUT,
+            "step": 1,
+            "tooltip": TIMEOUT_TIP,
+        },
+    )
 
 
 def _connection_inputs(transfers: tuple[str, ...], presets: list[str], transfer_tip: str) -> dict:
@@ -80,7 +89,9 @@ class _RemoteNode:
         spec = cls.SPEC
         name, kind, tip = spec.tensor_input
         required = {name: (kind, {"tooltip": tip})}
-        required.update(_connection_inputs(spec.transfers, preset_choices(spec.video_only), spec.transfer_tip))
+        required.update(
+            _connection_inputs(spec.transfers, preset_choices(spec.video_only), spec.transfer_tip)
+        )
         return {"required": required, "optional": _optional_inputs(), "hidden": HIDDEN}
 
     def _request(self, preset, endpoint, transfer, timeout):
@@ -158,7 +169,10 @@ class RemoteVAELoader:
         return {
             "required": {
                 "endpoint": ("STRING", {"default": "", "tooltip": LOADER_ENDPOINT_TIP}),
-                "transfer": (list(TRANSFER_LOADER), {"default": TRANSFER_LOADER[0], "tooltip": LOADER_TRANSFER_TIP}),
+                "transfer": (
+                    list(TRANSFER_LOADER),
+                    {"default": TRANSFER_LOADER[0], "tooltip": LOADER_TRANSFER_TIP},
+                ),
                 "timeout": _timeout_input(),
             }
         }

@@ -5,4 +5,12 @@ from .client import *  # noqa: F403 - the public API: remote_decode, remote_enco
 from .presets import PRESETS, Preset, PresetError, detect_preset, get_preset
 from .protocol import ProtocolError
 
-__all__ = [*client.__all__, "PRESETS", "Preset", "PresetError", "ProtocolError", "detect_preset", "get_preset"]
+__all__ = [
+    *client.__all__,
+    "PRESETS",
+    "Preset",
+    "PresetError",
+    "ProtocolError",
+    "detect_preset",
+    "get_preset",
+]

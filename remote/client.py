@@ -182,7 +182,9 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
     if processor is None:  # return_type="mp4" without processor: diffusers returns the tensor
         return reply.tensor(expected_shape)
     if callable(getattr(processor, "postprocess_video", None)):
-        return processor.postprocess_video(reply.decoder_output(expected_shape, video=True), output_type="pil")[0]
+        return processor.postprocess_video(
+            reply.decoder_output(expected_shape, video=True), output_type="pil"
+        )[0]
     return processor.postprocess(reply.decoder_output(expected_shape), output_type="pil")[0]
 
 

@@ -45,14 +45,19 @@ FLOAT_DTYPES: tuple[FloatDtype, ...] = get_args(FloatDtype)
 TILE_MODES: tuple[TileMode, ...] = get_args(TileMode)
 REFERENCES: tuple[Reference, ...] = get_args(Reference)
 
-MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 1024  # latent pixels per tile side (smaller tiles cost more overlap than they save)
+MIN_TILE_SIZE, MAX_TILE_SIZE = (
+    16,
+    1024,
+)  # latent pixels per tile side (smaller tiles cost more overlap than they save)
 MAX_FPS = 240
 MAX_JPEG_QUALITY = 100
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8"
 MAX_DIMS = 6
-MAX_DECLARED_BYTES = 1 << 60  # a declared tensor larger than this cannot even be described (torch's sizes are int64)
+MAX_DECLARED_BYTES = (
+    1 << 60
+)  # a declared tensor larger than this cannot even be described (torch's sizes are int64)
 
 
 class ProtocolError(ValueError):
@@ -66,9 +71,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise ProtocolError(
-            f"dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}"
-        ) from None
+        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}") from None
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -104,7 +107,9 @@ def check_body_length(length: int, shape: list[int], dtype: torch.dtype) -> None
         )
 
 
-def tensor_from_bytes(data: bytes | bytearray | memoryview, shape: list[int], dtype: str | torch.dtype) -> torch.Tensor:
+def tensor_from_bytes(
+    data: bytes | bytearray | memoryview, shape: list[int], dtype: str | torch.dtype
+) -> torch.Tensor:
     """Rebuild a tensor from raw bytes, refusing a body whose length does not match shape x dtype."""
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     validate_shape(shape)
@@ -121,10 +126,14 @@ def validate_shape(shape: list[int]) -> None:
     if not shape:
         raise ProtocolError("shape is empty; send one `shape` parameter per dimension")
     if len(shape) > MAX_DIMS:
-        raise ProtocolError(f"shape {list(shape)} has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+        raise ProtocolError(
+            f"shape {list(shape)} has {len(shape)} dimensions; at most {MAX_DIMS} are allowed"
+        )
     for dim in shape:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-            raise ProtocolError(f"shape {list(shape)} has an invalid dimension {dim!r}; dimensions must be positive integers")
+            raise ProtocolError(
+                f"shape {list(shape)} has an invalid dimension {dim!r}; dimensions must be positive integers"
+            )
 
 
 def format_shape(shape: Iterable[int]) -> str:
@@ -179,7 +188,9 @@ class Extensions:
     reads and validates them, so everything past the codec receives checked values.
     """
 
-    output_dtype: FloatDtype | None = None  # dtype of raw tensor answers (default: float16 decode, float32 encode)
+    output_dtype: FloatDtype | None = (
+        None  # dtype of raw tensor answers (default: float16 decode, float32 encode)
+    )
     fps: int | None = None  # of an mp4 answer (default: the model's)
     jpeg_quality: int | None = None  # of a JPEG answer, 1..100
     tile: TileMode = "auto"  # tiled decode/encode: auto (as memory needs), on, off
@@ -442,7 +453,9 @@ def declared_tensor(query: dict[str, list[str]]) -> torch.Tensor:
     shape = parse_shape_params(query)
     size = expected_nbytes(shape, torch_dtype)
     if size > MAX_DECLARED_BYTES:  # beyond what torch can even describe
-        raise ProtocolError(f"shape {shape} with dtype {dtype} would need {size} bytes; send a smaller tensor")
+        raise ProtocolError(
+            f"shape {shape} with dtype {dtype} would need {size} bytes; send a smaller tensor"
+        )
     return torch.empty(shape, dtype=torch_dtype, device="meta")
 
 
@@ -530,7 +543,9 @@ def parse_encode_request(
     if body is None:
         return EncodeRequest(scaling, extensions=extensions)
     if not body:
-        raise ProtocolError("encode request has an empty body; send a PNG/JPEG image or a raw tensor with shape/dtype")
+        raise ProtocolError(
+            "encode request has an empty body; send a PNG/JPEG image or a raw tensor with shape/dtype"
+        )
     if not (body.startswith(PNG_MAGIC) or body.startswith(JPEG_MAGIC) or body[:4] == b"RIFF"):
         raise ProtocolError(
             "encode body is neither a PNG/JPEG/WebP image nor a raw tensor (no `shape`/`dtype` parameters)"

@@ -101,7 +101,9 @@ class Reply:
         before any pixel is decoded."""
         try:
             declared = Image.open(io.BytesIO(self.body))
-        except Exception as exc:  # Pillow raises many kinds on bytes it cannot read (DecompressionBombError...)
+        except (
+            Exception
+        ) as exc:  # Pillow raises many kinds on bytes it cannot read (DecompressionBombError...)
             raise self._not_an_image(kind, exc) from None
         got = "x".join(map(str, declared.size))
         if size is not None and declared.size != tuple(size):
@@ -155,7 +157,9 @@ class Reply:
             )
         return tensor
 
-    def decoder_output(self, expected_shape: ExpectedShape | None = None, *, video: bool = False) -> torch.Tensor:
+    def decoder_output(
+        self, expected_shape: ExpectedShape | None = None, *, video: bool = False
+    ) -> torch.Tensor:
         """Float [B,3,H,W] (`video`: [B,3,F,H,W]) decoder output, what a processor's postprocess takes."""
         tensor = self.tensor(expected_shape)
         ndim = 5 if video else 4

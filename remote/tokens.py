@@ -87,7 +87,9 @@ class TokenStore:
     hf_token: str | None = None
 
     @classmethod
-    def load(cls, settings_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> TokenStore:
+    def load(
+        cls, settings_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> TokenStore:
         """The file's bindings, then the environment's (which win); `settings_file` None: $REMOTE_VAE_TOKENS_FILE."""
         environ = os.environ if environ is None else environ
         settings_file = settings_file or environ.get(SETTINGS_FILE_ENV)
@@ -178,7 +180,9 @@ def read_settings(path: str | Path) -> list[Binding]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        raise TokenError(f"the token settings file {path} cannot be read ({type(exc).__name__}); fix or delete it") from None
+        raise TokenError(
+            f"the token settings file {path} cannot be read ({type(exc).__name__}); fix or delete it"
+        ) from None
     servers = data.get("servers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
         raise TokenError(f"the token settings file {path} has no 'servers' object; fix or delete it")
@@ -187,7 +191,9 @@ def read_settings(path: str | Path) -> list[Binding]:
         origin = origin_of(origin)
         token = entry.get("token") if isinstance(entry, dict) else None
         if not isinstance(token, str):
-            raise TokenError(f"the token settings file {path} has no token string for {origin}; fix or delete it")
+            raise TokenError(
+                f"the token settings file {path} has no token string for {origin}; fix or delete it"
+            )
         bindings.append(Binding(origin, check_token(token, origin), bool(entry.get("allow_http", False))))
     return bindings
 

@@ -309,7 +309,9 @@ class _Exchange:
                 except zlib.error as exc:
                     if not ok:
                         break  # keep what could be read of the error page
-                    raise self._refused(status, f"with a {encoding} body that does not decompress: {exc}") from None
+                    raise self._refused(
+                        status, f"with a {encoding} body that does not decompress: {exc}"
+                    ) from None
                 chunks.append(decoded)
                 got += len(decoded)
                 if got > limit:
@@ -361,7 +363,9 @@ def _raw_chunks(raw: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def _wait(exchange: _Exchange, progress: Progress | None, cancel: Cancel | None, deadline: Deadline) -> _Answer:
+def _wait(
+    exchange: _Exchange, progress: Progress | None, cancel: Cancel | None, deadline: Deadline
+) -> _Answer:
     """Run the exchange in a daemon thread; poll `cancel` and the deadline and forward progress from this
     thread. On either the worker is told to stop at its next chunk; a stalled one is simply abandoned
     (its socket times out soon after the deadline: see `send_one`)."""

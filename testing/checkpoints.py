@@ -58,7 +58,9 @@ _WAN_BLOCK = re.compile(
 def wan_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of diffusers' `convert_wan_vae_to_diffusers` for Wan 2.1-style VAEs."""
     resnets = {m[1] for k in state_dict if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))}
-    stride = len(resnets) + 1  # the original decoder is one flat list: each level's blocks, then its upsampler
+    stride = (
+        len(resnets) + 1
+    )  # the original decoder is one flat list: each level's blocks, then its upsampler
     return {_wan_key(key, stride): tensor for key, tensor in state_dict.items()}
 
 

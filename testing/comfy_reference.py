@@ -28,7 +28,11 @@ def encoder_input(image: torch.Tensor, *, video: bool = False) -> torch.Tensor:
 
 @torch.inference_mode()  # as ComfyUI runs its nodes
 def comfy_decode(
-    model: torch.nn.Module, latent: torch.Tensor, *, reference: Reference = "comfyui", frames_as_batch: bool = True
+    model: torch.nn.Module,
+    latent: torch.Tensor,
+    *,
+    reference: Reference = "comfyui",
+    frames_as_batch: bool = True,
 ) -> torch.Tensor:
     """VAEDecode: float32 IMAGE [B,H,W,3]; a video's frames as a batch of images ([B*F,H,W,3]) as the node
     gives them, or, without `frames_as_batch`, as comfy.sd.VAE.decode returns them ([B,F,H,W,3])."""

@@ -32,7 +32,9 @@ _WAN_SIZES: dict[Size, dict] = {  # Wan 2.1's architecture, Qwen-Image's too
     "full": {},
 }
 # Wan 2.2's decoder is wider than its encoder: below full size it gets the encoder's width.
-_WAN_CLASS_SIZES = {size: {**arch, "decoder_base_dim": None} if arch else arch for size, arch in _WAN_SIZES.items()}
+_WAN_CLASS_SIZES = {
+    size: {**arch, "decoder_base_dim": None} if arch else arch for size, arch in _WAN_SIZES.items()
+}
 # Conv3d is slow on a CPU: a micro HunyuanVideo is narrower still.
 _HUNYUAN_SIZES: dict[Size, dict] = {
     **_KL_SIZES,

@@ -11,4 +11,5 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[server,test]"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

@@ -79,7 +79,9 @@ class Backend(Protocol):
     """One loaded model. Tensors come and go on its device; latents are in raw VAE space."""
 
     geometry: Geometry
-    placement: Placement  # as loaded: a backend may settle the dtype itself (the comfy backend: ComfyUI's choice)
+    placement: (
+        Placement  # as loaded: a backend may settle the dtype itself (the comfy backend: ComfyUI's choice)
+    )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw decoder output: [B,3,H,W] in about [-1,1], or [B,3,F,H,W] for video models."""

@@ -25,10 +25,14 @@ log = logging.getLogger("remote_vae.server")
 
 
 class ReadFn(Protocol):
-    def __call__(self, preset: Preset, source: str | None, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+    def __call__(
+        self, preset: Preset, source: str | None, *, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module: ...
 
 
-def read_vae(preset: Preset, source: str | None, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def read_vae(
+    preset: Preset, source: str | None, *, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
     """`loading.load_vae`, imported only when a model is first needed."""
     from ..loading import load_vae
 
@@ -104,12 +108,22 @@ class DiffusersBackend:
         """Compile now, on a small latent, rather than in the first user's request."""
         started = time.perf_counter()
         frames = (2,) if self.geometry.video else ()
-        z = torch.zeros(1, self.geometry.latent_channels, *frames, 32, 32, device=self.placement.device, dtype=self.placement.dtype)
+        z = torch.zeros(
+            1,
+            self.geometry.latent_channels,
+            *frames,
+            32,
+            32,
+            device=self.placement.device,
+            dtype=self.placement.dtype,
+        )
         with torch.inference_mode():
             self.decode(z)
         log.info("%s warmed up (compiled) in %.1f s", self.preset.name, time.perf_counter() - started)
 
-    def _builtin_tiled(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_pixels: int) -> torch.Tensor | None:
+    def _builtin_tiled(
+        self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile_pixels: int
+    ) -> torch.Tensor | None:
         """Temporal + spatial tiling of causal video VAEs is diffusers' own: on for this call, at
         `tile_pixels` per side where settable. Image models have none (the runner tiles them)."""
         if not self.geometry.video:
@@ -137,7 +151,10 @@ def model_factors(model: torch.nn.Module, preset: Preset) -> Factors:
     config = getattr(model, "config", None) or {}
     scale = config.get("scaling_factor") if hasattr(config, "get") else None
     shift = config.get("shift_factor") if hasattr(config, "get") else None
-    return Factors(preset.scaling_factor if scale is None else float(scale), preset.shift_factor if shift is None else shift)
+    return Factors(
+        preset.scaling_factor if scale is None else float(scale),
+        preset.shift_factor if shift is None else shift,
+    )
 
 
 def _placed(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

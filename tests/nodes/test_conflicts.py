@@ -22,7 +22,9 @@ def comfy_nodes(monkeypatch):
 
 
 def other_pack_node(name: str) -> type:
-    return type(name, (), {"__module__": "other_pack.nodes", "RELATIVE_PYTHON_MODULE": "custom_nodes.other-pack"})
+    return type(
+        name, (), {"__module__": "other_pack.nodes", "RELATIVE_PYTHON_MODULE": "custom_nodes.other-pack"}
+    )
 
 
 def test_an_id_another_pack_registered_first_is_reported_once(comfy_nodes, caplog):
@@ -45,5 +47,7 @@ def test_our_own_classes_and_free_ids_are_no_conflict(comfy_nodes):
 
 
 def test_outside_comfyui_nothing_is_checked(monkeypatch):
-    monkeypatch.setitem(sys.modules, "nodes", types.ModuleType("nodes"))  # a module named nodes, not ComfyUI's
+    monkeypatch.setitem(
+        sys.modules, "nodes", types.ModuleType("nodes")
+    )  # a module named nodes, not ComfyUI's
     assert conflicts.check_comfyui_table(NODE_CLASS_MAPPINGS) == []

@@ -46,7 +46,9 @@ def load(path: Path) -> dict:
 
 def ours(workflow: dict) -> list[dict]:
     """Our decode and encode nodes (those with a preset); the loader is checked on its own."""
-    return [node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS and node["type"] != LOADER]
+    return [
+        node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS and node["type"] != LOADER
+    ]
 
 
 def test_the_promised_examples_are_there():
@@ -142,7 +144,9 @@ def test_our_widget_values_are_valid_and_runnable(path):
         assert values["transfer"] in spec["required"]["transfer"][0]
         timeout = spec["required"]["timeout"][1]
         assert isinstance(values["timeout"], int) and timeout["min"] <= values["timeout"] <= timeout["max"]
-        assert not any("TOKEN" in str(value).upper() for value in node["widgets_values"])  # no secret, no variable
+        assert not any(
+            "TOKEN" in str(value).upper() for value in node["widgets_values"]
+        )  # no secret, no variable
         # an explicit preset whose endpoint resolves: the workflow runs without editing (or says where to point)
         assert values["preset"] in PRESETS
         operation = "encode" if node["type"] == "RemoteVAEEncode" else "decode"
@@ -186,7 +190,9 @@ def test_the_loader_example_feeds_core_nodes_from_a_hosted_file():
     spec = NODE_CLASS_MAPPINGS[LOADER].INPUT_TYPES()["required"]
     values = dict(zip(LOADER_WIDGETS, loader["widgets_values"]))
     assert len(loader["widgets_values"]) == len(LOADER_WIDGETS) and loader["inputs"] == []
-    assert values["endpoint"] == "http://127.0.0.1:8190/wan_2.1_vae"  # ComfyUI's file name, as a --comfyui server names it
+    assert (
+        values["endpoint"] == "http://127.0.0.1:8190/wan_2.1_vae"
+    )  # ComfyUI's file name, as a --comfyui server names it
     assert values["transfer"] == "exact" and values["transfer"] in spec["transfer"][0]
     assert spec["timeout"][1]["min"] <= values["timeout"] <= spec["timeout"][1]["max"]
     assert loader["outputs"][0]["type"] == "VAE" and loader["properties"]["Node name for S&R"] == LOADER

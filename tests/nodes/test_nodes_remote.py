@@ -119,9 +119,7 @@ def test_large_batches_are_split_sent_in_parallel_and_reassembled_in_order(serve
     assert len(outcome.transfers) == 3  # 2 + 2 + 1 images under a budget of two 32x32 images
     assert [t.bytes_sent for t in outcome.transfers] == [2 * 256, 2 * 256, 256]  # 4x4x4 float32 latents
     assert [t.bytes_received for t in outcome.transfers] == [2 * 3 * 32 * 32 * 4] * 2 + [3 * 32 * 32 * 4]
-    torch.testing.assert_close(
-        outcome.value, comfy_decode(models["sd15"], samples), atol=EXACT_ATOL, rtol=0
-    )
+    torch.testing.assert_close(outcome.value, comfy_decode(models["sd15"], samples), atol=EXACT_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ["hunyuan_video", "wan21"])
@@ -207,9 +205,7 @@ def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
         RunOptions(pixel_budget=16 * 24),
     )
     assert len(outcome.transfers) == 3
-    torch.testing.assert_close(
-        outcome.value, comfy_encode(models["sdxl"], image), atol=EXACT_ATOL, rtol=0
-    )
+    torch.testing.assert_close(outcome.value, comfy_encode(models["sdxl"], image), atol=EXACT_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ["hunyuan_video", "wan21"])
@@ -217,7 +213,9 @@ def test_encode_auto_with_endpoint_uses_the_servers_model(server, models):
 def test_encode_video_frames_as_one_video(server, models, preset, transfer):
     frames = pixels(5, 16, 24, 3, seed=11)
     (result,) = RemoteVAEEncode().encode(frames, preset, f"{server}/{preset}", transfer, 300)
-    expected = comfy_encode(models[preset], frames, video=True)  # one video [1,3,F,H,W], as ComfyUI's VAE.encode does
+    expected = comfy_encode(
+        models[preset], frames, video=True
+    )  # one video [1,3,F,H,W], as ComfyUI's VAE.encode does
     assert result["samples"].shape == (1, 16, 2, 2, 3)
     torch.testing.assert_close(result["samples"], expected, atol=EXACT_ATOL, rtol=0)
 

@@ -300,9 +300,7 @@ def test_latent_from_reply():
     assert video.shape == (1, 16, 3, 2, 2)  # 9 frames -> 3 latent frames
     still = convert.latent_from_reply(_reply(torch.zeros(1, 16, 1, 2, 2)), qwen, [1, 16, 16, 3], False, True)
     assert still.shape == (1, 16, 1, 2, 2)
-    with pytest.raises(
-        RemoteVAEError, match=r"where \[2, 16, 24, 3\] pixels encode to \[2, 4, 2, 3\]"
-    ):
+    with pytest.raises(RemoteVAEError, match=r"where \[2, 16, 24, 3\] pixels encode to \[2, 4, 2, 3\]"):
         convert.latent_from_reply(_reply(torch.zeros(2, 16, 2, 3)), sd15, [2, 16, 24, 3], False, False)
     with pytest.raises(RemoteVAEError, match="where a float latent was expected"):
         convert.latent_from_reply(

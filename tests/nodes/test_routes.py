@@ -98,7 +98,11 @@ def test_our_server_reports_health_and_models():
      (503, {"no": "json we know"}, None, []), (500, {"ready": True}, None, [])],
 )  # fmt: skip
 def test_readiness_is_reported(status, answer, ready, not_ready):
-    handlers = {**OK_HEALTH, "/v1/models": json_reply({"models": MODELS}), "/ready": json_reply(answer, status=status)}
+    handlers = {
+        **OK_HEALTH,
+        "/v1/models": json_reply({"models": MODELS}),
+        "/ready": json_reply(answer, status=status),
+    }
     result, _, _ = run_check(handlers)
     assert result["ok"] is True and (result["ready"], result["not_ready"]) == (ready, not_ready)
 
@@ -116,7 +120,11 @@ def test_model_path_in_endpoint_is_stripped_to_find_the_server():
 
 
 def test_paths_that_answer_405_are_skipped_like_404():
-    handlers = {**OK_HEALTH, "/m/v1/models": text_reply("POST only", status=405), "/v1/models": json_reply(MODELS)}
+    handlers = {
+        **OK_HEALTH,
+        "/m/v1/models": text_reply("POST only", status=405),
+        "/v1/models": json_reply(MODELS),
+    }
     result, seen, _ = run_check(handlers, "/m")
     assert result["ok"] and result["models"] == MODELS
     assert [path for path, _ in seen] == ["/m/v1/models", "/v1/models", "/health", "/ready"]
@@ -153,7 +161,11 @@ def test_the_token_bound_to_the_servers_origin_is_sent(monkeypatch):
 
     result, seen, _ = run_check({**OK_HEALTH, "/v1/models": models}, bind="s3cret")
     assert result["ok"] and result["models"] == MODELS
-    assert seen == [("/v1/models", "Bearer s3cret"), ("/health", "Bearer s3cret"), ("/ready", "Bearer s3cret")]
+    assert seen == [
+        ("/v1/models", "Bearer s3cret"),
+        ("/health", "Bearer s3cret"),
+        ("/ready", "Bearer s3cret"),
+    ]
     assert "s3cret" not in json.dumps(result)
 
 
@@ -173,7 +185,9 @@ def test_a_broken_token_configuration_is_reported_before_any_request(monkeypatch
     monkeypatch.setenv(tokens.TOKENS_ENV, "AWS_SECRET_VALUE_PASTED")
     result, seen, _ = run_check(OK_HEALTH)
     assert result["ok"] is False and result["status"] is None
-    assert result["error"].startswith("the server token configuration cannot be used: REMOTE_VAE_TOKENS holds")
+    assert result["error"].startswith(
+        "the server token configuration cannot be used: REMOTE_VAE_TOKENS holds"
+    )
     assert "AWS_SECRET" not in result["error"] and seen == []
 
 
@@ -233,14 +247,20 @@ def test_non_json_model_list():
 def test_json_without_a_model_list():
     result, _, base = run_check({**OK_HEALTH, "/v1/models": json_reply({"hello": 1})})
     assert result["ok"] is False
-    assert result["error"] == f"GET {base}/v1/models answered JSON without a model list (expected a list, or 'models')"
+    assert (
+        result["error"]
+        == f"GET {base}/v1/models answered JSON without a model list (expected a list, or 'models')"
+    )
 
 
 def test_oversized_model_list():
     big = "x" * (routes.MAX_BODY + 10)
     result, _, base = run_check({**OK_HEALTH, "/v1/models": text_reply(big)})
     assert result["ok"] is False
-    assert result["error"] == f"GET {base}/v1/models sent more than {routes.MAX_BODY} bytes; that is not a model list"
+    assert (
+        result["error"]
+        == f"GET {base}/v1/models sent more than {routes.MAX_BODY} bytes; that is not a model list"
+    )
 
 
 def test_nothing_there_is_a_404():
@@ -318,7 +338,10 @@ async def our_routes():
 def test_routes_answer_over_http():
     async def scenario():
         async with our_routes() as ours:
-            async with serve({**OK_HEALTH, "/v1/models": json_reply(MODELS)}) as vae, aiohttp.ClientSession() as s:
+            async with (
+                serve({**OK_HEALTH, "/v1/models": json_reply(MODELS)}) as vae,
+                aiohttp.ClientSession() as s,
+            ):
                 async with s.get(f"{ours}/remote_vae/presets") as r:
                     presets = (r.status, await r.json())
                 async with s.get(f"{ours}/remote_vae/health", params={"endpoint": vae}) as r:
@@ -386,7 +409,10 @@ def test_token_routes_bind_and_list_origins_and_never_answer_a_token(monkeypatch
     assert json.loads(answers[0][1]) == {"ok": True, "origin": vae, "bound": True}
     assert "cannot travel in an HTTP header" in answers[2][1] and "is not an http(s) URL" in answers[3][1]
     assert json.loads(listed[1]) == {
-        "servers": [{"origin": vae, "allow_http": False}, {"origin": "http://10.0.0.9:8190", "allow_http": True}],
+        "servers": [
+            {"origin": vae, "allow_http": False},
+            {"origin": "http://10.0.0.9:8190", "allow_http": True},
+        ],
         "environment": ["https://from-env.example"],
     }
     assert all(secret not in text and "env-secret" not in text for _, text in [*answers, listed])

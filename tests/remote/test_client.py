@@ -192,7 +192,9 @@ def test_connect_timeout_is_retried_then_raised():
 
 def test_a_misspelt_option_is_a_type_error():
     with recorder(OK) as stub:
-        with pytest.raises(TypeError, match="unexpected keyword argument 'timout'; the options are: timeout, "):
+        with pytest.raises(
+            TypeError, match="unexpected keyword argument 'timout'; the options are: timeout, "
+        ):
             remote_decode(stub.url, latent(), output_type="pt", return_type="pt", timout=5)
         with pytest.raises(TypeError, match="unexpected keyword argument 'tokn'"):
             send(stub.url, pt_wire(), tokn="x")
@@ -390,7 +392,9 @@ def test_a_token_that_cannot_travel_is_an_error_without_the_token(monkeypatch, b
         with pytest.raises(RemoteVAEError) as configured:
             send(stub.url, pt_wire())
     assert "cannot travel in an HTTP header" in str(info.value)
-    assert "cannot travel in an HTTP header" in str(configured.value) or "without '='" in str(configured.value)
+    assert "cannot travel in an HTTP header" in str(configured.value) or "without '='" in str(
+        configured.value
+    )
     for error in (info.value, configured.value):
         assert all(part not in str(error) + repr(error) for part in (TOKEN[:4], TOKEN[4:]))
     assert stub.requests == []
@@ -420,7 +424,9 @@ def test_token_hints(monkeypatch):
             send(stub.url, pt_wire())
         with pytest.raises(RemoteVAEError) as wrong:
             send(stub.url, pt_wire(), token="nope")
-    assert f"(hint: the server wants a token: bind one to {origin(stub.url)} in ComfyUI's settings" in str(without.value)
+    assert f"(hint: the server wants a token: bind one to {origin(stub.url)} in ComfyUI's settings" in str(
+        without.value
+    )
     assert f"REMOTE_VAE_TOKENS={origin(stub.url)}=<token>" in str(without.value)
     assert "the server refused the token" in str(wrong.value) and "nope" not in str(wrong.value)
 
@@ -578,19 +584,32 @@ def test_reply_checks_in_protocol_terms_and_in_the_callers():
     pixels = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
     reply = _reply(*protocol.tensor_response(pixels))
     assert torch.equal(reply.tensor([1, 8, 8, 3], dtype=torch.uint8), pixels)
-    with pytest.raises(RemoteVAEError, match=r"answered 200 with a tensor of shape \[1, 8, 8, 3\], expected any shape float32"):
+    with pytest.raises(
+        RemoteVAEError,
+        match=r"answered 200 with a tensor of shape \[1, 8, 8, 3\], expected any shape float32",
+    ):
         reply.tensor(dtype=torch.float32)
-    with pytest.raises(RemoteVAEError, match=r"but it holds uint8 values where floats were asked for \(hint: mine\)"):
+    with pytest.raises(
+        RemoteVAEError, match=r"but it holds uint8 values where floats were asked for \(hint: mine\)"
+    ):
         reply.tensor(dtype="float", hint="mine")
-    with pytest.raises(RemoteVAEError, match=r"but it holds \[1, 8, 8, 3\] uint8 where 2 images were asked for"):
+    with pytest.raises(
+        RemoteVAEError, match=r"but it holds \[1, 8, 8, 3\] uint8 where 2 images were asked for"
+    ):
         reply.tensor([2, 8, 8, 3], meaning="2 images were asked for")
     png = _reply(image_bytes("PNG", size=(8, 6)))
     assert png.image((8, 6)).format == "png"
-    with pytest.raises(RemoteVAEError, match=r"answered 200 with a 8x6 image, expected 16x16 \(hint: the server does not"):
+    with pytest.raises(
+        RemoteVAEError, match=r"answered 200 with a 8x6 image, expected 16x16 \(hint: the server does not"
+    ):
         png.image((16, 16))
-    with pytest.raises(RemoteVAEError, match=r"answered 200 but it is a 8x6 image where the latent decodes to 16x16"):
+    with pytest.raises(
+        RemoteVAEError, match=r"answered 200 but it is a 8x6 image where the latent decodes to 16x16"
+    ):
         png.image((16, 16), meaning="the latent decodes to 16x16")
-    with pytest.raises(RemoteVAEError, match=r"not a readable JPEG image \(5 bytes\): .*; it starts b'hello'"):
+    with pytest.raises(
+        RemoteVAEError, match=r"not a readable JPEG image \(5 bytes\): .*; it starts b'hello'"
+    ):
         _reply(b"hello").image(kind="a readable JPEG image")
 
 
@@ -626,12 +645,18 @@ def test_audio_latents_go_without_a_size_for_the_raw_tensor_only():
     """An audio latent [B,C,L] takes no height/width; its one answer is output_type="pt" (raw audio)."""
     audio = tensor_answer(torch.zeros(1, 2, 4 * 2048))
     with recorder(audio) as stub:
-        got = remote_decode(stub.url, latent((1, 64, 4)), output_type="pt", return_type="pt", do_scaling=False)
+        got = remote_decode(
+            stub.url, latent((1, 64, 4)), output_type="pt", return_type="pt", do_scaling=False
+        )
         assert list(got.shape) == [1, 2, 8192]
         for partial in (False, True):  # an image answer of a 3-D latent needs the packed size
             output_type = "pil" if not partial else "pt"
-            with pytest.raises(ValueError, match=r"`height` and `width` required for packed latents: .*\(audio"):
-                remote_decode(stub.url, latent((1, 64, 4)), output_type=output_type, partial_postprocess=partial)
+            with pytest.raises(
+                ValueError, match=r"`height` and `width` required for packed latents: .*\(audio"
+            ):
+                remote_decode(
+                    stub.url, latent((1, 64, 4)), output_type=output_type, partial_postprocess=partial
+                )
     assert len(stub.requests) == 1
 
 

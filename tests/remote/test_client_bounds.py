@@ -56,7 +56,9 @@ OK = tensor_answer(latent((1, 3, 8, 8)))
 
 
 def pt_wire(tensor=None):
-    return protocol.build_decode_request(latent() if tensor is None else tensor, output_type="pt", do_scaling=False)
+    return protocol.build_decode_request(
+        latent() if tensor is None else tensor, output_type="pt", do_scaling=False
+    )
 
 
 def elapsed(started: float) -> float:
@@ -121,7 +123,10 @@ def test_a_back_off_that_would_pass_the_deadline_is_not_begun():
 
 
 def test_fail_over_shares_one_deadline():
-    with serve(lambda request, index: trickling(OK, 0.3)) as a, serve(lambda request, index: trickling(OK, 0.3)) as b:
+    with (
+        serve(lambda request, index: trickling(OK, 0.3)) as a,
+        serve(lambda request, index: trickling(OK, 0.3)) as b,
+    ):
         started = time.monotonic()
         with pytest.raises(RemoteVAETimeout, match="did not finish within 2 s"):
             send([a.url, b.url], pt_wire(), timeout=(1, 5), total_timeout=2)
@@ -212,7 +217,9 @@ def test_a_proxys_502_and_504_are_retried(status):
         reply = send(stub.url, pt_wire(), retries=1, **FAST)
     assert reply.transfer.attempts == 2 and len(stub.requests) == 2
     with flaky(99, proxy_error(status), OK) as stub:
-        with pytest.raises(RemoteVAEError, match=f"answered {status}: {status} .*hint: a proxy in front") as info:
+        with pytest.raises(
+            RemoteVAEError, match=f"answered {status}: {status} .*hint: a proxy in front"
+        ) as info:
             send(stub.url, pt_wire(), retries=1, **FAST)
     assert info.value.retryable and len(stub.requests) == 2
 
@@ -251,7 +258,9 @@ def test_a_gzip_bomb_is_refused_without_inflating_it():
         finally:
             tracemalloc.stop()
     limit = bounds.limits_for(pt_wire()).max_bytes
-    assert f"answered 200 with more than {limit} bytes, more than the {limit} bytes a reply" in str(info.value)
+    assert f"answered 200 with more than {limit} bytes, more than the {limit} bytes a reply" in str(
+        info.value
+    )
     assert peak < 4 * limit + (8 << 20)  # the whole body would be 400 MiB
     assert seconds < 5
 
@@ -270,14 +279,17 @@ def test_an_encoding_that_was_not_asked_for_is_refused(encoding):
     with recorder(Canned(200, list(OK.headers) + [("Content-Encoding", encoding)], OK.body)) as stub:
         with pytest.raises(RemoteVAEError) as info:
             send(stub.url, pt_wire(), retries=3, **FAST)
-    assert f"answered 200 with Content-Encoding {encoding!r}, which was not asked for (it accepts gzip, deflate)" in str(
-        info.value
+    assert (
+        f"answered 200 with Content-Encoding {encoding!r}, which was not asked for (it accepts gzip, deflate)"
+        in str(info.value)
     )
     assert len(stub.requests) == 1
 
 
 def test_a_corrupt_gzip_reply_is_an_error():
-    with recorder(Canned(200, list(OK.headers) + [("Content-Encoding", "gzip")], b"\x1f\x8b" + bytes(50))) as stub:
+    with recorder(
+        Canned(200, list(OK.headers) + [("Content-Encoding", "gzip")], b"\x1f\x8b" + bytes(50))
+    ) as stub:
         with pytest.raises(RemoteVAEError, match="answered 200 with a gzip body that does not decompress"):
             send(stub.url, pt_wire())
 
@@ -285,7 +297,9 @@ def test_a_corrupt_gzip_reply_is_an_error():
 def test_a_declared_length_over_the_bound_is_refused_before_the_body():
     lying = Canned(200, list(OK.headers), OK.body, content_length=10**12)
     with recorder(lying) as stub:
-        with pytest.raises(RemoteVAEError, match=r"answered 200 with Content-Length 1000000000000, more than the \d+ bytes"):
+        with pytest.raises(
+            RemoteVAEError, match=r"answered 200 with Content-Length 1000000000000, more than the \d+ bytes"
+        ):
             send(stub.url, pt_wire(), retries=0)
 
 
@@ -294,7 +308,9 @@ def test_a_body_is_refused_as_soon_as_it_passes_the_bound():
     endless = Canned(200, list(OK.headers), bytes(10_000_000), trickle=0.1, chunk=16384, length_header=False)
     with recorder(endless) as stub:
         started = time.monotonic()
-        with pytest.raises(RemoteVAEError, match="answered 200 with more than 100000 bytes, more than the 100000"):
+        with pytest.raises(
+            RemoteVAEError, match="answered 200 with more than 100000 bytes, more than the 100000"
+        ):
             send(stub.url, pt_wire(), max_reply_bytes=100_000)
         assert elapsed(started) < 3
 
@@ -311,16 +327,23 @@ def test_a_png_declaring_12000_squared_is_refused_before_decoding():
         with pytest.warns(Image.DecompressionBombWarning), pytest.raises(RemoteVAEError) as info:
             remote_decode(stub.url, latent(), image_format="png")
         assert elapsed(started) < 2
-    assert "answered 200 with an image declaring 12000x12000 pixels, more than the 65536 pixels" in str(info.value)
+    assert "answered 200 with an image declaring 12000x12000 pixels, more than the 65536 pixels" in str(
+        info.value
+    )
 
 
 def test_a_jpeg_bomb_is_an_error():
     with recorder(Canned(200, [("Content-Type", "image/jpeg")], declared_jpeg(12000, 12000))) as stub:
-        with pytest.warns(Image.DecompressionBombWarning), pytest.raises(RemoteVAEError, match="declaring 12000x12000"):
+        with (
+            pytest.warns(Image.DecompressionBombWarning),
+            pytest.raises(RemoteVAEError, match="declaring 12000x12000"),
+        ):
             remote_decode(stub.url, latent())
     # Past twice its own pixel limit Pillow refuses to open it at all (DecompressionBombError).
     with recorder(Canned(200, [("Content-Type", "image/jpeg")], declared_jpeg(60000, 60000))) as stub:
-        with pytest.raises(RemoteVAEError, match=r"not an image \(\d+ bytes\): Image size \(3600000000 pixels\)"):
+        with pytest.raises(
+            RemoteVAEError, match=r"not an image \(\d+ bytes\): Image size \(3600000000 pixels\)"
+        ):
             remote_decode(stub.url, latent())
 
 
@@ -360,10 +383,16 @@ def test_audio_latents_are_bounded_by_the_largest_audio_compression():
     assert 2048 <= bounds.MAX_AUDIO_COMPRESSION
     stable_audio = torch.zeros(2, 2, 5 * 2048)
     with recorder(tensor_answer(stable_audio)) as stub:
-        assert remote_decode(stub.url, latent((2, 64, 5)), output_type="pt", return_type="pt").shape == (2, 2, 10240)
+        assert remote_decode(stub.url, latent((2, 64, 5)), output_type="pt", return_type="pt").shape == (
+            2,
+            2,
+            10240,
+        )
     limit = samples * 16 + bounds.OVERHEAD
     with recorder(tensor_answer(torch.zeros(limit // 4 + 1))) as stub:
-        with pytest.raises(RemoteVAEError, match=f"more than the {limit} bytes a reply to this request can hold"):
+        with pytest.raises(
+            RemoteVAEError, match=f"more than the {limit} bytes a reply to this request can hold"
+        ):
             remote_decode(stub.url, latent((2, 64, 5)), output_type="pt", return_type="pt")
 
 
@@ -380,7 +409,9 @@ def test_an_encode_reply_within_the_bound_passes_and_a_larger_one_does_not():
     limit = 16 * 16 * 3 * 4 + bounds.OVERHEAD
     too_big = tensor_answer(torch.zeros(limit // 2 + 1, dtype=torch.float16))
     with recorder(too_big) as stub:
-        with pytest.raises(RemoteVAEError, match=f"more than the {limit} bytes a reply to this request can hold"):
+        with pytest.raises(
+            RemoteVAEError, match=f"more than the {limit} bytes a reply to this request can hold"
+        ):
             remote_encode(stub.url, image)
 
 
@@ -409,7 +440,11 @@ def test_an_error_page_built_to_stall_a_pattern_returns_fast():
     "answer",
     [
         Canned(500, [("Content-Type", "application/json")], b"\xff\xfe\x00garbage{"),
-        Canned(500, [("Content-Type", "application/json")], b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        Canned(
+            500,
+            [("Content-Type", "application/json")],
+            b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        ),
         Canned(400, [("Content-Type", "application/json")], b'{"error": ' + b"9" * 10_000 + b"}"),
         Canned(500, [("Content-Encoding", "br")], b"\x00" * 20),
         Canned(500, [("Content-Encoding", "gzip")], b"\x1f\x8bnot gzip"),
@@ -448,7 +483,9 @@ def test_a_processor_gets_only_decoder_output():
     from diffusers.image_processor import VaeImageProcessor
 
     with recorder(tensor_answer(torch.zeros(1, 7, 4, 4, dtype=torch.float16))) as stub:
-        with pytest.raises(RemoteVAEError, match=r"tensor of shape \[1, 7, 4, 4\]; output_type='pt' should give float"):
+        with pytest.raises(
+            RemoteVAEError, match=r"tensor of shape \[1, 7, 4, 4\]; output_type='pt' should give float"
+        ):
             remote_decode(stub.url, latent(), output_type="pt", processor=VaeImageProcessor())
     frames = np.zeros((2, 7, 4, 4), dtype=np.float16)
     with recorder(tensor_answer(torch.from_numpy(frames))) as stub:

@@ -14,7 +14,9 @@ OK = tensor_answer(torch.zeros(1, 3, 8, 8, dtype=torch.float16))
 
 
 def wire() -> protocol.WireRequest:
-    return protocol.build_decode_request(torch.zeros(1, 4, 1, 1, dtype=torch.float16), output_type="pt", do_scaling=False)
+    return protocol.build_decode_request(
+        torch.zeros(1, 4, 1, 1, dtype=torch.float16), output_type="pt", do_scaling=False
+    )
 
 
 def test_split_endpoints_keeps_order_and_drops_repeats():
@@ -72,7 +74,10 @@ def test_requests_spread_over_endpoints_by_outstanding_count():
 
 
 def test_a_client_error_is_not_failed_over():
-    with recorder(json_error(400, "latent has 16 channels but preset sd15 expects 4")) as bad, recorder(OK) as good:
+    with (
+        recorder(json_error(400, "latent has 16 channels but preset sd15 expects 4")) as bad,
+        recorder(OK) as good,
+    ):
         with pytest.raises(RemoteVAEError, match="answered 400: latent has 16 channels") as info:
             send([bad.url, good.url], wire())
     assert info.value.status == 400 and not good.requests
@@ -80,7 +85,9 @@ def test_a_client_error_is_not_failed_over():
 
 def test_all_endpoints_down_names_each_failure():
     down = [f"{refused_url()}/a", f"{refused_url()}/b"]
-    with pytest.raises(RemoteVAEError, match="all 2 endpoints failed: .*refused the connection.*refused the connection"):
+    with pytest.raises(
+        RemoteVAEError, match="all 2 endpoints failed: .*refused the connection.*refused the connection"
+    ):
         send(down, wire(), retries=0)
 
 

@@ -218,7 +218,12 @@ def test_bad_extension_values_name_the_value(query, message):
 
 @pytest.mark.parametrize(
     ("content_type", "operation"),
-    [("tensor/binary", "decode"), ("application/octet-stream; x=1", "decode"), (None, "encode"), ("image/png", "encode")],
+    [
+        ("tensor/binary", "decode"),
+        ("application/octet-stream; x=1", "decode"),
+        (None, "encode"),
+        ("image/png", "encode"),
+    ],
 )
 def test_operation_follows_content_type(content_type, operation):
     assert protocol.operation_for(content_type) == operation
@@ -611,7 +616,9 @@ def test_a_3d_latent_without_height_and_width_is_left_to_the_server():
     items = [("shape", "1"), ("shape", "4"), ("shape", "4"), ("dtype", "float32")]
     parsed = protocol.parse_decode_request(items, TENSOR_HEADERS, b"\x00" * 64)
     assert list(parsed.tensor.shape) == [1, 4, 4] and (parsed.height, parsed.width) == (None, None)
-    parsed = protocol.parse_decode_request(items + [("height", "8"), ("width", "16")], TENSOR_HEADERS, b"\x00" * 64)
+    parsed = protocol.parse_decode_request(
+        items + [("height", "8"), ("width", "16")], TENSOR_HEADERS, b"\x00" * 64
+    )
     assert (parsed.height, parsed.width) == (8, 16)
 
 
@@ -625,7 +632,9 @@ def test_parse_encode_request_image_and_tensor():
     jpeg = jpeg_bytes()
     assert protocol.parse_encode_request([], {}, jpeg).image_bytes == jpeg
     image = latent((1, 3, 8, 8), torch.float16)
-    wire = protocol.build_encode_request(image, scaling_factor=0.18215, extensions=protocol.Extensions(tile="off"))
+    wire = protocol.build_encode_request(
+        image, scaling_factor=0.18215, extensions=protocol.Extensions(tile="off")
+    )
     parsed = protocol.parse_encode_request(wire.params, wire.headers, wire.body)
     assert torch.equal(parsed.tensor, image) and parsed.image_bytes is None
     assert parsed.extensions == protocol.Extensions(tile="off")
@@ -674,10 +683,20 @@ def test_non_finite_tensors_are_refused_on_both_paths(bad):
 
 
 def test_the_query_alone_declares_the_tensor_as_a_meta_tensor():
-    wire = protocol.build_decode_request(latent((1, 4096, 64), torch.bfloat16), output_type="pt", height=1024, width=1024)
+    wire = protocol.build_decode_request(
+        latent((1, 4096, 64), torch.bfloat16), output_type="pt", height=1024, width=1024
+    )
     declared = protocol.parse_decode_request(wire.params, wire.headers, None)
-    assert declared.tensor.is_meta and declared.tensor.shape == (1, 4096, 64) and declared.tensor.dtype == torch.bfloat16
-    assert (declared.output_type, declared.height, declared.scaling) == ("pt", 1024, protocol.Scaling(use_model_defaults=True))
+    assert (
+        declared.tensor.is_meta
+        and declared.tensor.shape == (1, 4096, 64)
+        and declared.tensor.dtype == torch.bfloat16
+    )
+    assert (declared.output_type, declared.height, declared.scaling) == (
+        "pt",
+        1024,
+        protocol.Scaling(use_model_defaults=True),
+    )
     encode = protocol.build_encode_request(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))
     assert protocol.parse_encode_request(encode.params, {}, None).tensor.is_meta
     image = protocol.parse_encode_request([("scaling_factor", "0.5")], {}, None)
@@ -687,11 +706,15 @@ def test_the_query_alone_declares_the_tensor_as_a_meta_tensor():
 
 
 def test_a_declared_tensor_too_big_to_describe_is_refused():
-    with pytest.raises(ProtocolError, match=r"shape \[1099511627776, 1099511627776\] with dtype float32 would need"):
+    with pytest.raises(
+        ProtocolError, match=r"shape \[1099511627776, 1099511627776\] with dtype float32 would need"
+    ):
         protocol.declared_tensor({"shape": ["1099511627776"] * 2, "dtype": ["float32"]})
 
 
 def test_body_length_checks_name_both_sizes():
     protocol.check_body_length(512, [1, 4, 8, 8], torch.float16)
-    with pytest.raises(ProtocolError, match=r"body has 9 bytes but shape \[1, 4, 8, 8\] with dtype float16 needs 512 bytes"):
+    with pytest.raises(
+        ProtocolError, match=r"body has 9 bytes but shape \[1, 4, 8, 8\] with dtype float16 needs 512 bytes"
+    ):
         protocol.check_body_length(9, [1, 4, 8, 8], torch.float16)

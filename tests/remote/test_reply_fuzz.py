@@ -34,7 +34,9 @@ def _image(fmt: str) -> bytes:
 
 IMAGES = [_image("PNG"), _image("JPEG"), _image("GIF"), _image("BMP"), _image("WEBP")]
 
-dims = st.one_of(st.integers(-2, 9), st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.text(max_size=3))
+dims = st.one_of(
+    st.integers(-2, 9), st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.text(max_size=3)
+)
 json_shapes = st.recursive(
     st.lists(dims, max_size=7), lambda inner: st.lists(inner, max_size=3), max_leaves=12
 ).map(json.dumps)

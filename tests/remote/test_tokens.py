@@ -94,7 +94,10 @@ def test_settings_file_round_trip_is_private_and_env_wins(tmp_path):
         {"origin": "https://gpu-box:8190", "allow_http": False},
         {"origin": "http://10.1.2.3:8190", "allow_http": True},
     ]
-    assert store({tokens.TOKENS_ENV: "https://gpu-box:8190=from-env"}, path).token_for("https://gpu-box:8190") == "from-env"
+    assert (
+        store({tokens.TOKENS_ENV: "https://gpu-box:8190=from-env"}, path).token_for("https://gpu-box:8190")
+        == "from-env"
+    )
     tokens.write_binding(path, "https://gpu-box:8190", None)
     assert json.loads(path.read_text())["servers"].keys() == {"http://10.1.2.3:8190"}
 

@@ -61,7 +61,10 @@ def test_jobs_past_their_deadline_never_reach_the_device(vae, batching):
     gate = Gate()
     model = Wrapped(vae, before=gate)
     settings = Settings(limits=Limits(request_timeout=2.0))
-    with hosting({"sd15": ("sd15", model)}, settings, options=Tuning(batching=batching)) as (url, _), ThreadPoolExecutor(8) as pool:
+    with (
+        hosting({"sd15": ("sd15", model)}, settings, options=Tuning(batching=batching)) as (url, _),
+        ThreadPoolExecutor(8) as pool,
+    ):
         first = pool.submit(decode, url)
         assert gate.held.wait(30)
         for wave in range(3):  # each wave queues behind the held job and times out there
@@ -87,7 +90,10 @@ def send_and_leave(url: str) -> None:
 def test_jobs_whose_client_left_never_reach_the_device(vae, batching):
     gate = Gate()
     model = Wrapped(vae, before=gate)
-    with hosting({"sd15": ("sd15", model)}, options=Tuning(batching=batching)) as (url, _), ThreadPoolExecutor(2) as pool:
+    with (
+        hosting({"sd15": ("sd15", model)}, options=Tuning(batching=batching)) as (url, _),
+        ThreadPoolExecutor(2) as pool,
+    ):
         first = pool.submit(decode, url)
         assert gate.held.wait(30)
         for _ in range(6):

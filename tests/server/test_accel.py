@@ -22,4 +22,6 @@ def test_flags_off_change_nothing():
     assert apply(model, torch.device("cpu"), Accel(), video=False) is model
     x = torch.zeros(1, 4, 2, 2)
     assert input_layout(x, Accel()) is x
-    assert input_layout(torch.zeros(1, 4, 2, 2, 2), Accel(channels_last=True)).is_contiguous(memory_format=torch.channels_last_3d)
+    assert input_layout(torch.zeros(1, 4, 2, 2, 2), Accel(channels_last=True)).is_contiguous(
+        memory_format=torch.channels_last_3d
+    )

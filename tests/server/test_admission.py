@@ -67,7 +67,9 @@ def test_bounded_load_every_request_answered_correctly(vae):
     settings = Settings(limits=Limits(max_in_flight=2))
 
     def decode(latent):
-        wire = protocol.build_decode_request(latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32"))
+        wire = protocol.build_decode_request(
+            latent, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")
+        )
         return send(url + "/sd15", wire, retries=30, backoff=0.05, timeout=(5, 60))
 
     with hosting(vae, settings) as url, ThreadPoolExecutor(8) as pool:
@@ -80,4 +82,8 @@ def test_bounded_load_every_request_answered_correctly(vae):
 
 def test_a_client_error_from_the_queue_is_clear():
     with pytest.raises(RemoteVAEError, match="refused the connection"):
-        send("http://127.0.0.1:9/sd15", protocol.build_decode_request(z(1, 4, 1, 1), output_type="pt"), retries=0)
+        send(
+            "http://127.0.0.1:9/sd15",
+            protocol.build_decode_request(z(1, 4, 1, 1), output_type="pt"),
+            retries=0,
+        )

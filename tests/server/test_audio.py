@@ -100,7 +100,9 @@ def test_decode_answers_comfyuis_audio(url, decoded):
     plain = post_decode(f"{url}/audio", Z, output_type="pt", do_scaling=False)  # the HF route, no extension
     assert plain.headers["dtype"] == "float32" and plain.headers["shape"] == "[1,2,6144]"
     assert torch.equal(tensor_of(plain), want)  # audio answers float32 unless output_dtype says otherwise
-    half = post_decode(f"{url}/audio/decode", Z, output_type="pt", extensions=Extensions(output_dtype="float16"))
+    half = post_decode(
+        f"{url}/audio/decode", Z, output_type="pt", extensions=Extensions(output_dtype="float16")
+    )
     assert torch.equal(tensor_of(half), want.half())
 
 
@@ -129,11 +131,15 @@ def test_tiled_requests_run_comfyuis_1d_tiling(url, reference, decoded):
     tiles = Extensions(tile="on", tile_size=16)  # 16 latent steps a tile, overlapping by 4
     with torch.inference_mode():
         want = reference.decode_tiled(Z, tile_x=16, tile_y=16, overlap=4).movedim(-1, 1)
-    got = tensor_of(post_decode(f"{url}/audio/decode", Z, output_type="pt", do_scaling=False, extensions=tiles))
+    got = tensor_of(
+        post_decode(f"{url}/audio/decode", Z, output_type="pt", do_scaling=False, extensions=tiles)
+    )
     assert torch.equal(got, want)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
-        got = tensor_of(post_encode(f"{url}/audio/encode", decoded.movedim(-1, 1).contiguous(), extensions=tiles))
+        got = tensor_of(
+            post_encode(f"{url}/audio/encode", decoded.movedim(-1, 1).contiguous(), extensions=tiles)
+        )
         torch.manual_seed(5)
         with torch.inference_mode():
             want = reference.encode_tiled(decoded, tile_x=16 * STEP, tile_y=16 * STEP, overlap=16 * STEP // 8)
@@ -159,7 +165,10 @@ def test_decode_answers_only_raw_audio(url):
 
 def test_latents_that_do_not_fit_the_audio_model(url):
     message = error_of(post_decode(f"{url}/audio/decode", seeded((1, 16, 3)), output_type="pt"), 400)
-    assert message == "latent has 16 channels but model audio expects 64; model audio serves stable_audio.safetensors (ComfyUI VAE)"
+    assert (
+        message
+        == "latent has 16 channels but model audio expects 64; model audio serves stable_audio.safetensors (ComfyUI VAE)"
+    )
     message = error_of(post_decode(f"{url}/audio/decode", seeded((1, 4, 8, 8)), output_type="pt"), 400)
     assert message == (
         "latent of shape [1, 4, 8, 8] has 4 dimensions but model audio expects [B,64,L]; "
@@ -183,7 +192,10 @@ def test_an_image_model_still_reads_a_3d_latent_as_packed(url):
 def test_encode_takes_only_float_audio(url):
     want = "send a raw float tensor [B,2,samples] (44100 Hz) with `shape` and `dtype`"
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
-    assert error_of(post_encode(f"{url}/audio/encode", png), 400) == f"model audio encodes audio, not images: {want}"
+    assert (
+        error_of(post_encode(f"{url}/audio/encode", png), 400)
+        == f"model audio encodes audio, not images: {want}"
+    )
     for audio, named in [
         (torch.zeros(1, 1, 4096), "[1, 1, 4096] (float32)"),
         (torch.zeros(2, 4096), "[2, 4096] (float32)"),
@@ -204,10 +216,14 @@ def test_audio_counts_against_the_pixel_limits_before_the_body(comfy, files):
     limits = Limits(max_pixels=4 * STEP, max_batch_pixels=8 * STEP, max_request_memory=1 << 40)
     with serving(comfy, files, limits) as url:
         within = protocol.build_decode_request(seeded((1, 64, 6)), output_type="pt")
-        response = requests.post(f"{url}/audio/decode", params=within.params, headers=within.headers, data=b"\0", timeout=60)
+        response = requests.post(
+            f"{url}/audio/decode", params=within.params, headers=within.headers, data=b"\0", timeout=60
+        )
         assert error_of(response, 400).startswith("body has 1 bytes but shape [1, 64, 6]")  # past the limits
         long = protocol.build_decode_request(seeded((1, 64, 7)), output_type="pt")
-        response = requests.post(f"{url}/audio/decode", params=long.params, headers=long.headers, data=b"\0", timeout=60)
+        response = requests.post(
+            f"{url}/audio/decode", params=long.params, headers=long.headers, data=b"\0", timeout=60
+        )
         assert error_of(response, 413) == (
             "a clip of 2 channels x 14336 samples = 28672 values exceeds the server's limit of 24576 values per "
             "clip (3 x --max-pixels, an image's worth); send shorter clips"
@@ -220,4 +236,7 @@ def test_audio_counts_against_the_pixel_limits_before_the_body(comfy, files):
         )
     with serving(comfy, files, Limits(max_request_memory=1 << 20)) as url:
         message = error_of(post_decode(f"{url}/audio/decode", Z, output_type="pt"), 413)
-        assert "(12288 audio sample values and their conversions), over the server's limit of 0.00 GiB" in message
+        assert (
+            "(12288 audio sample values and their conversions), over the server's limit of 0.00 GiB"
+            in message
+        )

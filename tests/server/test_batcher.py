@@ -43,7 +43,9 @@ def test_different_keys_never_mix():
     batcher = Batcher(rec, window=0.05)
 
     async def main():
-        return await asyncio.gather(batcher.submit("a", torch.ones(1, 2)), batcher.submit("b", torch.ones(1, 2)))
+        return await asyncio.gather(
+            batcher.submit("a", torch.ones(1, 2)), batcher.submit("b", torch.ones(1, 2))
+        )
 
     run(main())
     assert sorted(k for k, _ in rec.calls) == ["a", "b"]
@@ -73,7 +75,9 @@ def test_a_failed_batch_fails_every_request_in_it():
     batcher = Batcher(Recorder(fail=True), window=0.05)
 
     async def main():
-        return await asyncio.gather(*(batcher.submit("k", torch.ones(1)) for _ in range(2)), return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.submit("k", torch.ones(1)) for _ in range(2)), return_exceptions=True
+        )
 
     results = run(main())
     assert all(isinstance(r, RuntimeError) and "device fell over" in str(r) for r in results)

@@ -27,10 +27,19 @@ from support.serving import error_of, post_decode, tensor_of
 
 pytestmark = pytest.mark.timeout(300)
 
+
 def test_model_specs():
     assert parse_model_spec("sd15") == ("sd15", PRESETS["sd15"], None)
-    assert parse_model_spec("sdxl=madebyollin/sdxl-vae-fp16-fix") == ("sdxl", PRESETS["sdxl"], "madebyollin/sdxl-vae-fp16-fix")
-    assert parse_model_spec("myflux:flux=/models/ae.safetensors") == ("myflux", PRESETS["flux"], "/models/ae.safetensors")
+    assert parse_model_spec("sdxl=madebyollin/sdxl-vae-fp16-fix") == (
+        "sdxl",
+        PRESETS["sdxl"],
+        "madebyollin/sdxl-vae-fp16-fix",
+    )
+    assert parse_model_spec("myflux:flux=/models/ae.safetensors") == (
+        "myflux",
+        PRESETS["flux"],
+        "/models/ae.safetensors",
+    )
     with pytest.raises(PresetError, match="unknown preset 'sd99'"):
         parse_model_spec("sd99=/x")
     with pytest.raises(PresetError, match="unknown preset 'nope'"):
@@ -66,7 +75,16 @@ def test_connection_flags_and_their_defaults(monkeypatch):
     parser = build_parser()
     assert connection_limits_from(parser.parse_args([])) == ConnectionLimits()
     assert settings_from(parser.parse_args([])).uploads == UploadLimits()
-    flags = ["--max-connections", "9", "--header-timeout", "2", "--send-timeout", "3", "--shutdown-timeout", "4"]
+    flags = [
+        "--max-connections",
+        "9",
+        "--header-timeout",
+        "2",
+        "--send-timeout",
+        "3",
+        "--shutdown-timeout",
+        "4",
+    ]
     assert connection_limits_from(parser.parse_args(flags)) == ConnectionLimits(
         max_connections=9, header_timeout=2, send_timeout=3, shutdown_timeout=4
     )
@@ -81,7 +99,10 @@ def test_bad_arguments_exit_with_a_message():
         (["--model", "sd15", "--model", "sd15"], "model name 'sd15' is used twice"),
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "remote_vae.local_server", *args], capture_output=True, text=True, timeout=120,
+            [sys.executable, "-m", "remote_vae.local_server", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env=server_env(),
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -90,7 +111,10 @@ def test_bad_arguments_exit_with_a_message():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_cuda_without_cuda_is_refused():
     result = subprocess.run(
-        [sys.executable, "-m", "remote_vae.local_server", "--device", "cuda"], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "remote_vae.local_server", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=server_env(),
     )
     assert result.returncode == 2 and "no CUDA device is available; use --device cpu" in result.stderr
@@ -99,13 +123,28 @@ def test_cuda_without_cuda_is_refused():
 def test_serves_a_diffusers_folder(tmp_path: Path):
     model = random_vae("sd15")
     model.save_pretrained(tmp_path / "vae")
-    with running_server(["--model", f"sd15={tmp_path / 'vae'}", "--model", "alias:sd15", "--device", "cpu"]) as (url, process):
+    with running_server(
+        ["--model", f"sd15={tmp_path / 'vae'}", "--model", "alias:sd15", "--device", "cpu"]
+    ) as (url, process):
         listing = requests.get(url + "/v1/models", timeout=10).json()
         assert [m["name"] for m in listing["models"]] == ["sd15", "alias"]
         first = listing["models"][0]
-        assert (first["source"], first["state"], first["device"], first["dtype"]) == (str(tmp_path / "vae"), "not loaded", "cpu", "float32")
+        assert (first["source"], first["state"], first["device"], first["dtype"]) == (
+            str(tmp_path / "vae"),
+            "not loaded",
+            "cpu",
+            "float32",
+        )
         z = torch.randn(1, 4, 8, 8)
-        out = tensor_of(post_decode(url + "/sd15", z, output_type="pt", scaling_factor=0.18215, extra_params=[("output_dtype", "float32")]))
+        out = tensor_of(
+            post_decode(
+                url + "/sd15",
+                z,
+                output_type="pt",
+                scaling_factor=0.18215,
+                extra_params=[("output_dtype", "float32")],
+            )
+        )
         with torch.no_grad():
             want = model.decode(z / 0.18215).sample
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -121,7 +160,9 @@ def test_offline_default_start_answers_503_naming_the_download(tmp_path: Path):
     with running_server(["--device", "cpu"], env=env) as (url, _process):
         names = [m["name"] for m in requests.get(url + "/v1/models", timeout=10).json()["models"]]
         assert names == list(PRESETS)
-        message = error_of(post_decode(url + "/", torch.zeros(1, 4, 8, 8), output_type="pt", do_scaling=False), 503)
+        message = error_of(
+            post_decode(url + "/", torch.zeros(1, 4, 8, 8), output_type="pt", do_scaling=False), 503
+        )
         assert message.startswith("model 'sd15' could not be loaded from stabilityai/sd-vae-ft-mse: ")
         assert "could not load 'stabilityai/sd-vae-ft-mse'" in message  # loading.py's words for the download
         assert "--model sd15=/path/to/vae.safetensors" in message  # and how to point at a local file
@@ -133,10 +174,18 @@ def test_offline_default_start_answers_503_naming_the_download(tmp_path: Path):
 def test_preload_loads_before_serving_and_survives_a_bad_source(tmp_path: Path):
     random_vae("sd15").save_pretrained(tmp_path / "vae")
     missing = tmp_path / "missing.safetensors"
-    with running_server(["--preload", "--model", f"sd15={tmp_path / 'vae'}", "--model", f"broken:flux={missing}"]) as (url, _process):
+    with running_server(
+        ["--preload", "--model", f"sd15={tmp_path / 'vae'}", "--model", f"broken:flux={missing}"]
+    ) as (url, _process):
         states = {m["name"]: m for m in requests.get(url + "/v1/models", timeout=10).json()["models"]}
         assert states["sd15"]["state"] == "loaded"  # before any request
         assert states["broken"]["state"] == "failed" and str(missing) in states["broken"]["error"]
-        message = error_of(post_decode(url + "/broken", torch.zeros(1, 16, 8, 8), output_type="pt", do_scaling=False), 503)
+        message = error_of(
+            post_decode(url + "/broken", torch.zeros(1, 16, 8, 8), output_type="pt", do_scaling=False), 503
+        )
         assert message.startswith(f"model 'broken' could not be loaded from {missing}: ")
-        assert list(tensor_of(post_decode(url + "/sd15", torch.zeros(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape) == [1, 3, 64, 64]
+        assert list(
+            tensor_of(
+                post_decode(url + "/sd15", torch.zeros(1, 4, 8, 8), output_type="pt", do_scaling=False)
+            ).shape
+        ) == [1, 3, 64, 64]

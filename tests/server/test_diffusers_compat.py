@@ -186,7 +186,9 @@ def test_video_partial_postprocess_frames(server, models, name):
 def test_video_pil_with_processor_flag(server, models, name):
     latent = latent_for(name)
     want = reference_uint8(reference_decode(models[name], name, latent, scaled=True))
-    frames = video_decode(server, name, latent, output_type="pil", processor=VideoProcessor(), return_type="pil")
+    frames = video_decode(
+        server, name, latent, output_type="pil", processor=VideoProcessor(), return_type="pil"
+    )
     assert len(frames) == 9 and frames[0].size == (32, 32)
     assert_within_one(np.stack([np.asarray(f) for f in frames]), want)
     unit = video_decode(server, name, latent, output_type="pil", processor=VideoProcessor(), return_type="pt")
@@ -197,7 +199,9 @@ def test_video_pil_with_processor_flag(server, models, name):
 @pytest.mark.parametrize("name", VIDEO_MODELS)
 def test_video_pt_with_client_video_processor(server, models, name):
     latent = latent_for(name)
-    frames = video_decode(server, name, latent, output_type="pt", processor=VideoProcessor(), return_type="pil")
+    frames = video_decode(
+        server, name, latent, output_type="pt", processor=VideoProcessor(), return_type="pil"
+    )
     want = reference_uint8(reference_decode(models[name], name, latent, scaled=True))
     assert_within_one(np.stack([np.asarray(f) for f in frames]), want)
 

@@ -1,6 +1,5 @@
 """Tiling on request or by memory budget, and the out-of-memory and NaN fallbacks."""
 
-
 import requests
 import torch
 
@@ -31,7 +30,9 @@ def test_tiled_encode(vae):
     pixels = (torch.rand(1, 256, 256, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
     with hosting(vae) as url:
         whole = tensor_of(post_encode(url + "/sd15/encode", pixels))
-        tiled = tensor_of(post_encode(url + "/sd15/encode", pixels, extra_params=[("tile", "on"), ("tile_size", "16")]))
+        tiled = tensor_of(
+            post_encode(url + "/sd15/encode", pixels, extra_params=[("tile", "on"), ("tile_size", "16")])
+        )
     assert tiled.shape == whole.shape == (1, 4, 32, 32)
     assert (tiled - whole).abs().mean() < 0.04
 
@@ -72,7 +73,9 @@ def test_nan_in_half_precision_is_retried_in_float32(vae):
         out = tensor_of(pt(url, latent))
         text = requests.get(url + "/metrics", timeout=10).text
     assert torch.isfinite(out).all()
-    rounded = random_vae("sd15", 7, size="micro", init="default").to(torch.bfloat16).float()  # the retry runs the bf16-rounded weights in float32
+    rounded = (
+        random_vae("sd15", 7, size="micro", init="default").to(torch.bfloat16).float()
+    )  # the retry runs the bf16-rounded weights in float32
     torch.testing.assert_close(out, reference(rounded, latent), rtol=1e-4, atol=1e-4)
     assert 'remote_vae_fallback_total{model="sd15",kind="nan"} 1' in text
 

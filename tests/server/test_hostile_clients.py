@@ -69,7 +69,12 @@ def wait_for_metric(url: str, pattern: str, seconds: float = 10) -> str:
 def normal_decode(url: str) -> float:
     """An ordinary small decode from another client; its seconds."""
     started = time.perf_counter()
-    assert tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape == (1, 3, 64, 64)
+    assert tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape == (
+        1,
+        3,
+        64,
+        64,
+    )
     return time.perf_counter() - started
 
 
@@ -104,7 +109,10 @@ def test_a_megabyte_header_is_refused_in_milliseconds_while_health_stays_fast(va
     ("headers", "message"),
     [
         ({f"X-Many-{i}": "1" for i in range(101)}, "more than 100 request headers; send fewer"),
-        ({f"X-Big-{i}": "b" * 4000 for i in range(20)}, "exceed the server's limit of 65536 bytes"),  # complete at once
+        (
+            {f"X-Big-{i}": "b" * 4000 for i in range(20)},
+            "exceed the server's limit of 65536 bytes",
+        ),  # complete at once
     ],
 )
 def test_too_many_or_too_large_headers_get_431_json(vae, headers, message):
@@ -138,7 +146,9 @@ def test_half_sent_headers_and_idle_connections_time_out(vae):
         answer = read_answer(half)
         assert answer.status == 408
         assert answer.error() == "the request line and headers did not arrive within 0.5 s; send them at once"
-        assert closed_within(half, 2) and closed_within(silent, 2) and closed_within(kept, 2)  # keep-alive: 1 s
+        assert (
+            closed_within(half, 2) and closed_within(silent, 2) and closed_within(kept, 2)
+        )  # keep-alive: 1 s
         assert time.monotonic() - started < 2.5
 
 
@@ -188,9 +198,17 @@ def test_trickling_uploads_hold_no_slot_and_are_refused_when_too_slow(vae):
         for answer in answers:
             assert answer.status == 408
             assert answer.error().startswith("the request body arrived too slowly (")
-            assert "the server needs a byte at least every 5 s and 2000 bytes/s after the first 1 s" in answer.error()
-        assert all(closed_within(sock, 3) for sock in tricklers)  # the rest of each body: keep-alive (1 s) to arrive
-        assert 'remote_vae_requests_total{model="sd15",op="decode",outcome="client_error",status="408"} 6' in metrics(url)
+            assert (
+                "the server needs a byte at least every 5 s and 2000 bytes/s after the first 1 s"
+                in answer.error()
+            )
+        assert all(
+            closed_within(sock, 3) for sock in tricklers
+        )  # the rest of each body: keep-alive (1 s) to arrive
+        assert (
+            'remote_vae_requests_total{model="sd15",op="decode",outcome="client_error",status="408"} 6'
+            in metrics(url)
+        )
 
 
 def test_a_stalled_upload_is_refused_after_the_idle_timeout(vae):
@@ -198,7 +216,9 @@ def test_a_stalled_upload_is_refused_after_the_idle_timeout(vae):
     wire = protocol.build_decode_request(z(1, 4, 32, 32), output_type="pt", do_scaling=False)
     with server(vae, Settings(uploads=uploads)) as url:
         sock = connect(url, timeout=5)
-        sock.sendall(decode_head(wire) + wire.body[: len(wire.body) // 2])  # 16 KiB at once: 8 s of rate credit
+        sock.sendall(
+            decode_head(wire) + wire.body[: len(wire.body) // 2]
+        )  # 16 KiB at once: 8 s of rate credit
         started = time.monotonic()
         answer = read_answer(sock)
         assert answer.status == 408 and "a byte at least every 0.5 s" in answer.error()
@@ -217,7 +237,10 @@ def test_a_client_that_never_reads_its_answer_holds_no_slot_and_is_dropped(vae):
     """A 7 MB answer into a 4 KiB receive window: the send stalls; others are served meanwhile (one slot),
     and after the send timeout (1 s) the connection is dropped with the answer's rest."""
     wire = protocol.build_decode_request(
-        z(1, 4, 96, 96), output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")
+        z(1, 4, 96, 96),
+        output_type="pt",
+        do_scaling=False,
+        extensions=protocol.Extensions(output_dtype="float32"),
     )
     with server(vae, Settings(limits=Limits(max_in_flight=1))) as url:
         sock = connect(url, receive_buffer=4096, timeout=10)
@@ -245,7 +268,9 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(vae, caplog):
         sock.close()
         text = wait_for_metric(url, 'status="499"')
         assert normal_decode(url) < 5
-    assert 'remote_vae_requests_total{model="sd15",op="decode",outcome="client_closed",status="499"} 1' in text
+    assert (
+        'remote_vae_requests_total{model="sd15",op="decode",outcome="client_closed",status="499"} 1' in text
+    )
     assert 'status="500"' not in text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -271,9 +296,13 @@ class Failing(torch.nn.Module):
 def test_no_heap_addresses_in_messages(vae):
     with server(Failing(vae)) as url:
         unreadable = post_encode(url + "/sd15/encode", protocol.PNG_MAGIC + b"not the rest of a PNG")
-        assert error_of(unreadable, 400).startswith("encode body could not be read as an image: cannot identify image file <_io.BytesIO object>")
+        assert error_of(unreadable, 400).startswith(
+            "encode body could not be read as an image: cannot identify image file <_io.BytesIO object>"
+        )
         failed = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
-        assert error_of(failed, 500) == "internal server error: RuntimeError: cannot decode with <object object>"
+        assert (
+            error_of(failed, 500) == "internal server error: RuntimeError: cannot decode with <object object>"
+        )
 
 
 def test_no_heap_addresses_in_a_load_failure(vae):
@@ -284,8 +313,12 @@ def test_no_heap_addresses_in_a_load_failure(vae):
     host.add("sd15", PRESETS["sd15"], source="/models/vae", device="cpu")
     try:
         with serve(create_app(host)) as url:
-            message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 503)
-            assert message.startswith("model 'sd15' could not be loaded from /models/vae: cannot open <object object>")
+            message = error_of(
+                post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 503
+            )
+            assert message.startswith(
+                "model 'sd15' could not be loaded from /models/vae: cannot open <object object>"
+            )
             assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["error"] == message
     finally:
         host.close()

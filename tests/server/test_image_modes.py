@@ -52,9 +52,21 @@ FLAT = {
     "P PNG": (saved(palette(3), "PNG"), "P", (200, 100, 50)),
     "P PNG with transparency": (saved(palette(3), "PNG", transparency=3), "P", (200, 100, 50)),
     "RGBA PNG": (saved(Image.new("RGBA", (16, 16), (10, 20, 30, 0)), "PNG"), "RGBA", (10, 20, 30)),
-    "RGBA WebP": (saved(Image.new("RGBA", (16, 16), (10, 20, 30, 128)), "WEBP", lossless=True), "RGBA", (10, 20, 30)),
-    "CMYK JPEG": (saved(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=100), "CMYK", (255, 0, 0)),
-    "YCbCr JPEG": (saved(Image.new("YCbCr", (16, 16), (128, 128, 255)), "JPEG", quality=100), "RGB", (255, 37, 128)),
+    "RGBA WebP": (
+        saved(Image.new("RGBA", (16, 16), (10, 20, 30, 128)), "WEBP", lossless=True),
+        "RGBA",
+        (10, 20, 30),
+    ),
+    "CMYK JPEG": (
+        saved(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=100),
+        "CMYK",
+        (255, 0, 0),
+    ),
+    "YCbCr JPEG": (
+        saved(Image.new("YCbCr", (16, 16), (128, 128, 255)), "JPEG", quality=100),
+        "RGB",
+        (255, 37, 128),
+    ),
 }
 
 

@@ -446,9 +446,7 @@ def test_config_that_does_not_build(tmp_path):
 
 def test_leftover_tensors_are_ignored_with_a_warning(tmp_path, caplog):
     model = random_vae("hunyuan_video", 8)
-    state_dict = load_file(
-        str(save_comfy_single_file(model, "hunyuan_video", tmp_path / "hv.safetensors"))
-    )
+    state_dict = load_file(str(save_comfy_single_file(model, "hunyuan_video", tmp_path / "hv.safetensors")))
     state_dict["loss.logvar"] = torch.zeros(())
     save_file(state_dict, str(tmp_path / "hv-extra.safetensors"))
     with caplog.at_level("WARNING", logger="remote_vae.local_server.loading"):
@@ -579,9 +577,7 @@ def test_factory_is_seeded_and_sized():
     a, b, c = (random_vae("sd15", seed) for seed in (1, 1, 2))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.decoder.conv_in.weight, c.decoder.conv_in.weight)
-    assert (
-        list(a.config.block_out_channels) == list(TINY_WIDTHS) and a.config.layers_per_block == 1
-    )
+    assert list(a.config.block_out_channels) == list(TINY_WIDTHS) and a.config.layers_per_block == 1
     full = random_vae("sdxl", size="comfy")
     assert list(full.config.block_out_channels) == [128, 256, 512, 512] and full.config.layers_per_block == 2
     assert not a.training

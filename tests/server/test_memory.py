@@ -16,8 +16,12 @@ def test_sd_decode_estimate_matches_comfyui_formula():
 
 def test_video_estimates_follow_the_frame_rule_of_each_family():
     hunyuan, wan = PRESETS["hunyuan_video"], PRESETS["wan21"]
-    assert decode_bytes(hunyuan, (1, 16, 8, 40, 64), torch.float16) == 8 * decode_bytes(hunyuan, (1, 16, 1, 40, 64), torch.float16)
-    assert decode_bytes(wan, (1, 16, 8, 40, 64), torch.float16) == decode_bytes(wan, (1, 16, 1, 40, 64), torch.float16)
+    assert decode_bytes(hunyuan, (1, 16, 8, 40, 64), torch.float16) == 8 * decode_bytes(
+        hunyuan, (1, 16, 1, 40, 64), torch.float16
+    )
+    assert decode_bytes(wan, (1, 16, 8, 40, 64), torch.float16) == decode_bytes(
+        wan, (1, 16, 1, 40, 64), torch.float16
+    )
 
 
 def test_plan_runs_whole_when_it_fits():
@@ -46,4 +50,8 @@ def test_fallbacks_shrink_until_the_smallest_tile():
 
 
 def test_overlap_shrinks_with_the_tile():
-    assert Plan(batch=1, tile=64).overlap == 8 and Plan(batch=1, tile=16).overlap == 4 and Plan(batch=1).overlap == 0
+    assert (
+        Plan(batch=1, tile=64).overlap == 8
+        and Plan(batch=1, tile=16).overlap == 4
+        and Plan(batch=1).overlap == 0
+    )

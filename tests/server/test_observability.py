@@ -12,7 +12,9 @@ def test_metrics_and_request_ids(vae, caplog):
     with hosting(vae) as url, caplog.at_level(logging.INFO, logger="remote_vae.server"):
         ok = pt(url, z(1, 4, 8, 8), headers={"X-Request-ID": "abc-123"})
         assert ok.headers["x-request-id"] == "abc-123"
-        generated = pt(url, z(1, 4, 8, 8), headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
+        generated = pt(url, z(1, 4, 8, 8), headers={"X-Request-ID": "bad id with spaces"}).headers[
+            "x-request-id"
+        ]
         assert generated != "bad id with spaces" and len(generated) == 16
         error_of(post_decode(url + "/sd15", z(1, 16, 8, 8), output_type="pt", do_scaling=False), 400)
         text = requests.get(url + "/metrics", timeout=10).text

@@ -1,6 +1,5 @@
 """`reference=comfyui`: ComfyUI's behaviour where its VAE code differs from diffusers'."""
 
-
 import torch
 
 from remote_vae.testing import random_vae

@@ -40,7 +40,9 @@ def test_weights_follow_the_seed_and_leave_the_global_random_state_alone(init):
 
 def test_config_overrides_the_size():
     model = random_vae("sd15", size="micro", mid_block_add_attention=False)
-    assert list(model.config.block_out_channels) == [16, 16, 32, 32] and not model.config.mid_block_add_attention
+    assert (
+        list(model.config.block_out_channels) == [16, 16, 32, 32] and not model.config.mid_block_add_attention
+    )
 
 
 def test_unknown_preset_or_size_is_refused_with_the_choices():

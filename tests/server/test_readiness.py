@@ -41,10 +41,18 @@ def test_a_model_that_cannot_load_makes_the_server_not_ready(tmp_path):
         with serve(create_app(registry, Settings(token="probe-token"))) as url:
             open_answer = requests.get(url + "/ready", timeout=10)
             assert open_answer.status_code == 503
-            assert open_answer.json() == {"ready": False, "not_ready": ["broken"]}  # no paths without the token
-            detailed = requests.get(url + "/ready", headers={"Authorization": "Bearer probe-token"}, timeout=10)
+            assert open_answer.json() == {
+                "ready": False,
+                "not_ready": ["broken"],
+            }  # no paths without the token
+            detailed = requests.get(
+                url + "/ready", headers={"Authorization": "Bearer probe-token"}, timeout=10
+            )
             reason = detailed.json()["reasons"]["broken"]
-            assert reason.startswith("model 'broken' cannot be loaded: no such file or folder") and str(missing) in reason
+            assert (
+                reason.startswith("model 'broken' cannot be loaded: no such file or folder")
+                and str(missing) in reason
+            )
             assert requests.get(url + "/health", timeout=10).status_code == 200
     finally:
         registry.close()

@@ -86,16 +86,38 @@ DECODE = {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
     ("path", "params", "headers", "named"),
     [
         # pixels the latent decodes to: 1024x1024 > 64x64
-        ("/sd15", declared(1, 4, 128, 128) + [("output_type", "pt")], {"Content-Length": "262144"}, "--max-pixels"),
+        (
+            "/sd15",
+            declared(1, 4, 128, 128) + [("output_type", "pt")],
+            {"Content-Length": "262144"},
+            "--max-pixels",
+        ),
         # request bytes = prod(shape) * itemsize, with a chunked body (no Content-Length to go by)
-        ("/sd15", declared(640, 4, 8, 8) + [("output_type", "pt")], {"Transfer-Encoding": "chunked"}, "--max-request-bytes"),
+        (
+            "/sd15",
+            declared(640, 4, 8, 8) + [("output_type", "pt")],
+            {"Transfer-Encoding": "chunked"},
+            "--max-request-bytes",
+        ),
         # encode pixels declared by a uint8 tensor
-        ("/sd15/encode", declared(1, 256, 256, 3, dtype="uint8"), {"Content-Length": str(256 * 256 * 3)}, "--max-pixels"),
+        (
+            "/sd15/encode",
+            declared(1, 256, 256, 3, dtype="uint8"),
+            {"Content-Length": str(256 * 256 * 3)},
+            "--max-pixels",
+        ),
         # frames of a video
-        ("/hunyuan_video", declared(1, 16, 5, 2, 2) + [("output_type", "pt")], {"Content-Length": "1280"}, "--max-frames"),
+        (
+            "/hunyuan_video",
+            declared(1, 16, 5, 2, 2) + [("output_type", "pt")],
+            {"Content-Length": "1280"},
+            "--max-frames",
+        ),
     ],
 )
-def test_limits_of_the_declared_tensor_are_checked_before_the_body_is_read(limited, path, params, headers, named):
+def test_limits_of_the_declared_tensor_are_checked_before_the_body_is_read(
+    limited, path, params, headers, named
+):
     with limited(max_pixels=64 * 64, max_request_bytes=600_000, max_frames=9) as (url, _host):
         status, answer, seconds = headers_only(url, path, params, {**DECODE, **headers})
     assert status == 413 and named.encode() in answer, answer[:400]
@@ -104,13 +126,20 @@ def test_limits_of_the_declared_tensor_are_checked_before_the_body_is_read(limit
 
 def test_a_content_length_that_cannot_match_the_shape_is_refused_before_the_body(limited):
     with limited() as (url, _host):
-        status, answer, _ = headers_only(url, "/sd15", declared(1, 4, 8, 8), {**DECODE, "Content-Length": "999999"})
-    assert status == 400 and b"body has 999999 bytes but shape [1, 4, 8, 8] with dtype float32 needs 1024 bytes" in answer
+        status, answer, _ = headers_only(
+            url, "/sd15", declared(1, 4, 8, 8), {**DECODE, "Content-Length": "999999"}
+        )
+    assert (
+        status == 400
+        and b"body has 999999 bytes but shape [1, 4, 8, 8] with dtype float32 needs 1024 bytes" in answer
+    )
 
 
 def test_absurd_shapes_are_a_400_not_a_crash(limited):
     with limited() as (url, _host):
-        status, answer, _ = headers_only(url, "/sd15", declared(2**40, 2**40, 2**40, 4), {**DECODE, "Content-Length": "8"})
+        status, answer, _ = headers_only(
+            url, "/sd15", declared(2**40, 2**40, 2**40, 4), {**DECODE, "Content-Length": "8"}
+        )
     assert status == 400 and b"send a smaller tensor" in answer
 
 
@@ -123,10 +152,15 @@ def test_frames_count_in_the_batch_pixel_limit(limited, models):
         assert "a batch of 2 x 64x64 exceeds the server's limit of 4096 pixels" in error_of(two_images, 413)
         video = post_decode(url + "/hunyuan_video", z(1, 16, 5, 2, 2), output_type="pt", do_scaling=False)
         message = error_of(video, 413)
-        assert "a batch of 1 x 17 frames of 16x16 exceeds the server's limit of 4096 pixels per request" in message
+        assert (
+            "a batch of 1 x 17 frames of 16x16 exceeds the server's limit of 4096 pixels per request"
+            in message
+        )
         assert "send fewer images or frames per request" in message
         assert models["hunyuan_video"][1].batches == []
-        assert tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape == (1, 3, 64, 64)
+        assert tensor_of(
+            post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
+        ).shape == (1, 3, 64, 64)
 
 
 # --------------------------------------------------------------------------- 4b: an image's declared size
@@ -177,7 +211,10 @@ def test_an_image_declaring_more_pixels_than_allowed_is_refused_from_its_header(
             answer = post_encode(url + "/sd15/encode", bomb)
             seconds = time.perf_counter() - started
         message = error_of(answer, 413)
-    assert "12000x12000 = 144000000 pixels per image exceeds the server's limit of 16777216 pixels (--max-pixels)" in message
+    assert (
+        "12000x12000 = 144000000 pixels per image exceeds the server's limit of 16777216 pixels (--max-pixels)"
+        in message
+    )
     assert seconds < 1, seconds
     assert rss.grown < 100 << 20, rss.grown  # decoded, it would be 432 MB of RGB and 1.7 GB of float32
     assert models["sd15"][1].encoded == []
@@ -188,7 +225,9 @@ def test_pillow_refuses_far_bigger_images_itself_once_the_server_sets_its_limit(
     postprocess.limit_pillow(64 * 64)
     assert Image.MAX_IMAGE_PIXELS == 64 * 64
     request = protocol.parse_encode_request([], {}, png_declaring(128, 128))
-    with pytest.raises(LimitExceeded, match=r"far over the server's limit of 4096 pixels per image \(--max-pixels\)"):
+    with pytest.raises(
+        LimitExceeded, match=r"far over the server's limit of 4096 pixels per image \(--max-pixels\)"
+    ):
         postprocess.encoder_input(request, PRESETS["sd15"])
 
 
@@ -199,16 +238,22 @@ def test_requests_whose_peak_memory_passes_the_budget_are_refused_before_work(li
     # On a CPU device the estimate holds the smallest plan's activations too: ~143 MB for sd15 in float32.
     with limited(max_request_memory=160 << 20) as (url, _host):
         # 512 KB of latents decode to 2 x 1024 x 1024 x 3 values: ~82 MB at the peak of their conversion.
-        message = error_of(post_decode(url + "/sd15", z(2, 4, 128, 128), output_type="pt", do_scaling=False), 413)
+        message = error_of(
+            post_decode(url + "/sd15", z(2, 4, 128, 128), output_type="pt", do_scaling=False), 413
+        )
         assert "of host memory at its peak (an answer of 6291456 pixel values and its conversions)" in message
         assert "over the server's limit of 0.16 GiB per request (--max-request-memory)" in message
-        status, answer, _ = headers_only(url, "/sd15", declared(2, 4, 128, 128), {**DECODE, "Content-Length": "524288"})
+        status, answer, _ = headers_only(
+            url, "/sd15", declared(2, 4, 128, 128), {**DECODE, "Content-Length": "524288"}
+        )
         assert status == 413 and b"--max-request-memory" in answer
         image = io.BytesIO()
         Image.new("RGB", (2048, 1024)).save(image, "PNG")
         assert "--max-request-memory" in error_of(post_encode(url + "/sd15/encode", image.getvalue()), 413)
         assert models["sd15"][1].batches == [] and models["sd15"][1].encoded == []
-        assert tensor_of(post_decode(url + "/sd15", z(1, 4, 32, 32), output_type="pt", do_scaling=False)).shape == (1, 3, 256, 256)
+        assert tensor_of(
+            post_decode(url + "/sd15", z(1, 4, 32, 32), output_type="pt", do_scaling=False)
+        ).shape == (1, 3, 256, 256)
 
 
 def test_the_footprint_counts_the_answer_the_input_and_the_smallest_plan():
@@ -237,7 +282,10 @@ def test_the_default_budget_is_an_eighth_of_the_machines_memory():
 def test_mp4_wider_than_the_encoder_takes_is_refused_before_decoding(limited, models):
     with limited() as (url, _host):
         wide = post_decode(url + "/hunyuan_video", z(1, 16, 1, 1, 2050), output_type="mp4", do_scaling=False)
-        assert "mp4 of 16400x8 pixels per frame is over H.264's (libx264's) limit of 16384 pixels per side" in error_of(wide, 413)
+        assert (
+            "mp4 of 16400x8 pixels per frame is over H.264's (libx264's) limit of 16384 pixels per side"
+            in error_of(wide, 413)
+        )
         tall = post_decode(url + "/hunyuan_video", z(1, 16, 1, 2050, 1), output_type="mp4", do_scaling=False)
         assert "of 8x16400 pixels" in error_of(tall, 413)
         assert models["hunyuan_video"][1].batches == []
@@ -245,9 +293,13 @@ def test_mp4_wider_than_the_encoder_takes_is_refused_before_decoding(limited, mo
 
 def test_the_mp4_limit_is_libx264s_own():
     av = pytest.importorskip("av")
-    assert postprocess.encode_mp4(torch.zeros(1, 2, postprocess.MAX_MP4_SIDE, 3, dtype=torch.uint8).numpy(), 24)
+    assert postprocess.encode_mp4(
+        torch.zeros(1, 2, postprocess.MAX_MP4_SIDE, 3, dtype=torch.uint8).numpy(), 24
+    )
     with pytest.raises(av.error.ExternalError):
-        postprocess.encode_mp4(torch.zeros(1, 2, postprocess.MAX_MP4_SIDE + 2, 3, dtype=torch.uint8).numpy(), 24)
+        postprocess.encode_mp4(
+            torch.zeros(1, 2, postprocess.MAX_MP4_SIDE + 2, 3, dtype=torch.uint8).numpy(), 24
+        )
 
 
 # --------------------------------------------------------------------------- 10: factors that make NaN
@@ -258,7 +310,10 @@ def test_the_mp4_limit_is_libx264s_own():
     [
         ({"scaling_factor": 1e-320}, "scaling_factor=1e-320 makes the latents infinite or NaN in float32"),
         ({"scaling_factor": 1e-40}, "scaling_factor=1e-40 makes"),
-        ({"scaling_factor": 0.18215, "shift_factor": 1e39}, "scaling_factor=0.18215 and shift_factor=1e+39 makes"),
+        (
+            {"scaling_factor": 0.18215, "shift_factor": 1e39},
+            "scaling_factor=0.18215 and shift_factor=1e+39 makes",
+        ),
     ],
 )
 def test_decode_factors_that_make_the_latents_non_finite_are_a_400(limited, models, options, named):
@@ -266,15 +321,24 @@ def test_decode_factors_that_make_the_latents_non_finite_are_a_400(limited, mode
         message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", **options), 400)
         assert named in message and "send do_scaling=True or scaling_factor=0.18215" in message
         assert models["sd15"][1].batches == []
-        assert tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", scaling_factor=1e-3)).isfinite().all()
+        assert (
+            tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", scaling_factor=1e-3))
+            .isfinite()
+            .all()
+        )
 
 
 def test_encode_factors_that_make_the_latents_non_finite_are_a_400(limited):
     with limited() as (url, _host):
         pixels = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
         message = error_of(post_encode(url + "/sd15/encode", pixels, scaling_factor=1e39), 400)
-        assert "scaling_factor=1e+39 makes the latents infinite or NaN in float32 (x = (z - shift_factor) * scaling_factor)" in message
-        assert tensor_of(post_encode(url + "/sd15/encode", pixels, scaling_factor=1e-320)).eq(0).all()  # finite: z * 0
+        assert (
+            "scaling_factor=1e+39 makes the latents infinite or NaN in float32 (x = (z - shift_factor) * scaling_factor)"
+            in message
+        )
+        assert (
+            tensor_of(post_encode(url + "/sd15/encode", pixels, scaling_factor=1e-320)).eq(0).all()
+        )  # finite: z * 0
 
 
 def test_the_scaling_check_is_exact_from_each_channels_extremes():

@@ -42,23 +42,31 @@ def test_png_body_without_content_type_is_an_encode(server, models, path):
     image = pixels(1, 32, 32, 3)
     response = post_encode(server + path, png_bytes(image[0].numpy()))
     assert response.headers["content-type"] == "tensor/binary"
-    torch.testing.assert_close(tensor_of(response), mode(models["sd15"], as_model_input(image)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tensor_of(response), mode(models["sd15"], as_model_input(image)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_reply_is_a_tensor_even_for_accept_anything(server):
-    response = post_encode(server + "/sd15", png_bytes(pixels(1, 16, 16, 3)[0].numpy()), headers={"Accept": "*/*"})
+    response = post_encode(
+        server + "/sd15", png_bytes(pixels(1, 16, 16, 3)[0].numpy()), headers={"Accept": "*/*"}
+    )
     assert response.headers["shape"] == "[1,4,2,2]" and response.headers["dtype"] == "float32"
 
 
 def test_image_content_type_routes_to_encode(server):
-    response = post_encode(server + "/", png_bytes(pixels(1, 16, 16, 3)[0].numpy()), headers={"Content-Type": "image/png"})
+    response = post_encode(
+        server + "/", png_bytes(pixels(1, 16, 16, 3)[0].numpy()), headers={"Content-Type": "image/png"}
+    )
     assert list(tensor_of(response).shape) == [1, 4, 2, 2]
 
 
 def test_jpeg_body(server, models):
     buffer = io.BytesIO()
     Image.fromarray(pixels(1, 32, 32, 3)[0].numpy()).save(buffer, format="JPEG", quality=90)
-    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).copy())[None]
+    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).copy())[
+        None
+    ]
     out = tensor_of(post_encode(server + "/sd15", buffer.getvalue()))
     torch.testing.assert_close(out, mode(models["sd15"], as_model_input(decoded)), atol=1e-5, rtol=1e-5)
 
@@ -70,7 +78,10 @@ def test_alpha_and_grey_images_become_rgb(server):
     assert torch.equal(tensor_of(post_encode(server + "/sd15", png_bytes(rgba))), want)
     grey = pixels(1, 32, 32)[0].numpy()
     grey_rgb = np.repeat(grey[..., None], 3, axis=-1)
-    assert torch.equal(tensor_of(post_encode(server + "/sd15", png_bytes(grey))), tensor_of(post_encode(server + "/sd15", png_bytes(grey_rgb))))
+    assert torch.equal(
+        tensor_of(post_encode(server + "/sd15", png_bytes(grey))),
+        tensor_of(post_encode(server + "/sd15", png_bytes(grey_rgb))),
+    )
 
 
 def test_uint8_tensors_are_nhwc_pixels_and_alpha_is_dropped(server, models):
@@ -78,14 +89,22 @@ def test_uint8_tensors_are_nhwc_pixels_and_alpha_is_dropped(server, models):
     want = mode(models["sd15"], as_model_input(image))
     torch.testing.assert_close(tensor_of(post_encode(server + "/sd15", image)), want, atol=1e-5, rtol=1e-5)
     with_alpha = torch.cat([image, pixels(2, 32, 24, 1, seed=9)], dim=-1)
-    torch.testing.assert_close(tensor_of(post_encode(server + "/sd15", with_alpha)), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tensor_of(post_encode(server + "/sd15", image[0])), want[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tensor_of(post_encode(server + "/sd15", with_alpha)), want, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        tensor_of(post_encode(server + "/sd15", image[0])), want[:1], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_float_tensors_are_nchw_in_minus_one_to_one(server, models):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
-    torch.testing.assert_close(tensor_of(post_encode(server + "/sd15", x)), mode(models["sd15"], x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tensor_of(post_encode(server + "/sd15", x[0])), mode(models["sd15"], x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tensor_of(post_encode(server + "/sd15", x)), mode(models["sd15"], x), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        tensor_of(post_encode(server + "/sd15", x[0])), mode(models["sd15"], x), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sizes_are_centre_cropped_to_the_latent_grid_like_comfyui(server, models):
@@ -132,7 +151,9 @@ def test_factors_are_applied_only_when_sent(server, models):
 def test_do_scaling_on_encode_uses_the_model_config(server, models):
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     out = tensor_of(post_encode(server + "/wan21", x, extra_params=[("do_scaling", "True")]))
-    torch.testing.assert_close(out, PRESETS["wan21"].from_raw(mode(models["wan21"], x[:, :, None])), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, PRESETS["wan21"].from_raw(mode(models["wan21"], x[:, :, None])), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_output_dtype_extension(server, models):
@@ -144,6 +165,9 @@ def test_output_dtype_extension(server, models):
 
 def test_unknown_parameters_are_ignored(server):
     response = requests.post(
-        server + "/sd15", params={"foo": "1", "input_tensor_type": "binary"}, data=png_bytes(pixels(1, 16, 16, 3)[0].numpy()), timeout=60
+        server + "/sd15",
+        params={"foo": "1", "input_tensor_type": "binary"},
+        data=png_bytes(pixels(1, 16, 16, 3)[0].numpy()),
+        timeout=60,
     )
     assert list(tensor_of(response).shape) == [1, 4, 2, 2]

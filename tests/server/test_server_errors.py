@@ -25,7 +25,9 @@ DECODE_HEADERS = {"Content-Type": "tensor/binary", "Accept": "tensor/binary"}
 
 
 def raw_post(url: str, params, body: bytes, headers=None) -> requests.Response:
-    return requests.post(url, params=params, data=body, headers=DECODE_HEADERS if headers is None else headers, timeout=60)
+    return requests.post(
+        url, params=params, data=body, headers=DECODE_HEADERS if headers is None else headers, timeout=60
+    )
 
 
 def shape_params(*shape: int) -> list[tuple[str, str]]:
@@ -40,17 +42,25 @@ def z(*shape: int) -> torch.Tensor:
 
 
 def test_unsupported_dtype(server):
-    message = error_of(raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "float64")], b"\0" * 2048), 400)
+    message = error_of(
+        raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "float64")], b"\0" * 2048), 400
+    )
     assert "unsupported dtype 'float64'" in message
 
 
 def test_missing_dtype_and_shape(server):
-    assert "expected `dtype`" in error_of(raw_post(server + "/sd15", shape_params(1, 4, 8, 8), b"\0" * 512), 400)
-    assert "expected `shape`" in error_of(raw_post(server + "/sd15", [("dtype", "float16")], b"\0" * 512), 400)
+    assert "expected `dtype`" in error_of(
+        raw_post(server + "/sd15", shape_params(1, 4, 8, 8), b"\0" * 512), 400
+    )
+    assert "expected `shape`" in error_of(
+        raw_post(server + "/sd15", [("dtype", "float16")], b"\0" * 512), 400
+    )
 
 
 def test_uint8_latents(server):
-    message = error_of(raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "uint8")], b"\0" * 256), 400)
+    message = error_of(
+        raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "uint8")], b"\0" * 256), 400
+    )
     assert "latents must be float16, bfloat16 or float32, not uint8" in message
 
 
@@ -68,7 +78,9 @@ def test_bad_shape(server, shape, message):
 
 
 def test_body_length_mismatch(server):
-    message = error_of(raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "float16")], b"\0" * 500), 400)
+    message = error_of(
+        raw_post(server + "/sd15", shape_params(1, 4, 8, 8) + [("dtype", "float16")], b"\0" * 500), 400
+    )
     assert message == "body has 500 bytes but shape [1, 4, 8, 8] with dtype float16 needs 512 bytes"
 
 
@@ -80,14 +92,20 @@ def test_wrong_channel_count_names_model_and_the_hosted_models_that_fit(server):
 
 def test_wrong_channel_count_on_an_alias_says_which_model(tmp_path):
     with hosting({"myflux": ("flux", random_vae("flux"))}) as (url, _host):
-        message = error_of(post_decode(url + "/myflux", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 400)
+        message = error_of(
+            post_decode(url + "/myflux", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 400
+        )
     assert message.startswith("model myflux (preset flux): latent has 4 channels but preset flux expects 16")
 
 
 def test_wrong_number_of_dimensions(server):
-    message = error_of(post_decode(server + "/sd15", z(1, 4, 2, 8, 8), output_type="pt", do_scaling=False), 400)
+    message = error_of(
+        post_decode(server + "/sd15", z(1, 4, 2, 8, 8), output_type="pt", do_scaling=False), 400
+    )
     assert "has 5 dimensions but preset sd15 expects [B,4,H,W]" in message
-    message = error_of(post_decode(server + "/wan21", z(1, 16, 8, 8), output_type="pt", do_scaling=False), 400)
+    message = error_of(
+        post_decode(server + "/wan21", z(1, 16, 8, 8), output_type="pt", do_scaling=False), 400
+    )
     assert "has 4 dimensions but preset wan21 expects [B,16,T,H,W]" in message
     params = shape_params(1, 1, 4, 8, 8, 1, 1) + [("dtype", "float16")]
     assert "at most 6 are allowed" in error_of(raw_post(server + "/sd15", params, b"\0" * 512), 400)
@@ -95,7 +113,9 @@ def test_wrong_number_of_dimensions(server):
 
 def test_packed_latents_without_height_and_width(server):
     params = shape_params(1, 16, 64) + [("dtype", "float16"), ("height", "64")]
-    assert "packed (3-D) latents need both `height` and `width`" in error_of(raw_post(server + "/flux", params, b"\0" * 2048), 400)
+    assert "packed (3-D) latents need both `height` and `width`" in error_of(
+        raw_post(server + "/flux", params, b"\0" * 2048), 400
+    )
 
 
 def test_packed_latents_without_a_size_are_refused_by_the_image_model(server):
@@ -109,12 +129,18 @@ def test_packed_latents_without_a_size_are_refused_by_the_image_model(server):
 
 
 def test_packed_latents_that_do_not_fit_the_size(server):
-    message = error_of(post_decode(server + "/flux", z(1, 16, 64), output_type="pt", do_scaling=False, height=64, width=128), 400)
+    message = error_of(
+        post_decode(server + "/flux", z(1, 16, 64), output_type="pt", do_scaling=False, height=64, width=128),
+        400,
+    )
     assert "packed latent of shape [1, 16, 64] does not fit height=64 width=128" in message
 
 
 def test_packed_latents_to_a_video_model(server):
-    message = error_of(post_decode(server + "/wan21", z(1, 16, 64), output_type="pt", do_scaling=False, height=64, width=64), 400)
+    message = error_of(
+        post_decode(server + "/wan21", z(1, 16, 64), output_type="pt", do_scaling=False, height=64, width=64),
+        400,
+    )
     assert "has 3 dimensions but preset wan21 expects [B,16,T,H,W]" in message
 
 
@@ -133,14 +159,26 @@ def test_packed_latents_to_a_video_model(server):
 def test_bad_parameter_values(server, params, message):
     base = shape_params(1, 16, 64) + [("dtype", "float32"), ("height", "64"), ("width", "64")]
     body = z(1, 16, 64).numpy().tobytes()
-    assert tensor_of(raw_post(server + "/flux", base + [("output_type", "pt")], body)).shape[-1] == 64  # valid as is
+    assert (
+        tensor_of(raw_post(server + "/flux", base + [("output_type", "pt")], body)).shape[-1] == 64
+    )  # valid as is
     assert message in error_of(raw_post(server + "/flux", base + params, body), 400)
 
 
 def test_unsupported_content_type(server):
-    message = error_of(raw_post(server + "/sd15", [], b"{}", headers={"Content-Type": "application/json"}), 400)
+    message = error_of(
+        raw_post(server + "/sd15", [], b"{}", headers={"Content-Type": "application/json"}), 400
+    )
     assert "Content-Type 'application/json' is not supported" in message
-    message = error_of(raw_post(server + "/sd15/decode", shape_params(1, 4, 8, 8) + [("dtype", "float16")], b"\0" * 512, headers={"Content-Type": "text/csv"}), 400)
+    message = error_of(
+        raw_post(
+            server + "/sd15/decode",
+            shape_params(1, 4, 8, 8) + [("dtype", "float16")],
+            b"\0" * 512,
+            headers={"Content-Type": "text/csv"},
+        ),
+        400,
+    )
     assert "Content-Type 'text/csv' is not supported for decode" in message
 
 
@@ -157,7 +195,9 @@ def test_pil_with_a_batch(server):
 def test_mp4_needs_one_video(server):
     message = error_of(post_decode(server + "/sd15", z(1, 4, 8, 8), output_type="mp4", do_scaling=False), 400)
     assert "output_type=mp4 needs a video model; sd15 decodes images" in message
-    message = error_of(post_decode(server + "/wan21", z(2, 16, 2, 4, 4), output_type="mp4", do_scaling=False), 400)
+    message = error_of(
+        post_decode(server + "/wan21", z(2, 16, 2, 4, 4), output_type="mp4", do_scaling=False), 400
+    )
     assert "returns one video but the latent holds 2" in message
 
 
@@ -179,9 +219,15 @@ def test_encode_body_that_claims_to_be_a_png_but_is_broken(server):
     ("tensor", "message"),
     [
         (torch.zeros(1, 4, 16, 16), "has 4 colour channels; send RGB"),
-        (torch.zeros(1, 16, 16, 2, dtype=torch.uint8), "uint8 encode input of shape [1, 16, 16, 2] is not [B,H,W,3] pixels"),
+        (
+            torch.zeros(1, 16, 16, 2, dtype=torch.uint8),
+            "uint8 encode input of shape [1, 16, 16, 2] is not [B,H,W,3] pixels",
+        ),
         (torch.zeros(1, 3, 2, 16, 16), "float encode input of shape [1, 3, 2, 16, 16] is not [B,3,H,W]"),
-        (torch.zeros(1, 3, 4, 16), "encode input of 16x4 pixels is smaller than the model's 8-pixel latent cell"),
+        (
+            torch.zeros(1, 3, 4, 16),
+            "encode input of 16x4 pixels is smaller than the model's 8-pixel latent cell",
+        ),
     ],
 )
 def test_encode_tensor_layouts_that_do_not_fit(server, tensor, message):
@@ -193,12 +239,18 @@ def test_encode_tensor_layouts_that_do_not_fit(server, tensor, message):
 
 def test_unknown_model_lists_the_hosted_ones(server):
     message = error_of(post_decode(server + "/sd3", z(1, 16, 8, 8), output_type="pt", do_scaling=False), 404)
-    assert message == "model 'sd3' is not hosted here; hosted models: /sd15, /sdxl, /flux, /hunyuan_video, /wan21"
+    assert (
+        message
+        == "model 'sd3' is not hosted here; hosted models: /sd15, /sdxl, /flux, /hunyuan_video, /wan21"
+    )
     assert "not hosted" in error_of(post_encode(server + "/nope/encode", torch.zeros(1, 3, 8, 8)), 404)
 
 
 def test_unknown_paths_and_methods_answer_json(server):
-    assert error_of(requests.get(server + "/sd15/v1/models", timeout=10), 404) == "GET /sd15/v1/models: Not Found"
+    assert (
+        error_of(requests.get(server + "/sd15/v1/models", timeout=10), 404)
+        == "GET /sd15/v1/models: Not Found"
+    )
     assert error_of(requests.get(server + "/sd15", timeout=10), 405) == "GET /sd15: Method Not Allowed"
 
 
@@ -238,7 +290,9 @@ def test_health_answers_while_a_decode_runs():
     with hosting({"sd15": ("sd15", model)}) as (url, _host):
         result: dict = {}
         thread = threading.Thread(
-            target=lambda: result.update(r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False))
+            target=lambda: result.update(
+                r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
+            )
         )
         thread.start()
         try:
@@ -276,7 +330,9 @@ def test_load_failure_is_a_503_and_the_server_stays_up():
     try:
         with serve(create_app(host)) as url:
             assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "not loaded"
-            message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 503)
+            message = error_of(
+                post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 503
+            )
             assert message == (
                 "model 'sd15' could not be loaded from stabilityai/sd-vae-ft-mse: "
                 "cannot download stabilityai/sd-vae-ft-mse: offline"
@@ -286,7 +342,9 @@ def test_load_failure_is_a_503_and_the_server_stays_up():
             assert requests.get(url + "/health", timeout=10).status_code == 200
             assert tensor_of(post_encode(url + "/good", torch.zeros(1, 3, 8, 8))).shape[1] == 4
             loader.fixed = True  # e.g. the file appeared: the next request tries again
-            assert list(tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape) == [1, 3, 64, 64]
+            assert list(
+                tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)).shape
+            ) == [1, 3, 64, 64]
             tensor_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False))
             assert loader.calls == 2  # loaded once, then kept
             state = requests.get(url + "/v1/models", timeout=10).json()["models"][0]
@@ -309,7 +367,9 @@ def test_models_show_loading_while_they_load_and_health_still_answers():
         with serve(create_app(host)) as url:
             result: dict = {}
             thread = threading.Thread(
-                target=lambda: result.update(r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False))
+                target=lambda: result.update(
+                    r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
+                )
             )
             thread.start()
             try:
@@ -348,7 +408,10 @@ class BrokenVAE(torch.nn.Module):
 
 
 def test_unexpected_exception_is_a_short_500_and_logged(caplog):
-    with hosting({"sd15": ("sd15", BrokenVAE())}) as (url, _host), caplog.at_level(logging.ERROR, logger="remote_vae.server"):
+    with (
+        hosting({"sd15": ("sd15", BrokenVAE())}) as (url, _host),
+        caplog.at_level(logging.ERROR, logger="remote_vae.server"),
+    ):
         message = error_of(post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False), 500)
         assert message == "internal server error: RuntimeError: kernel exploded"
         assert requests.get(url + "/health", timeout=10).status_code == 200
@@ -367,7 +430,10 @@ class NaNVAE(torch.nn.Module):
 
 
 def test_nan_output_is_logged(caplog):
-    with hosting({"sd15": ("sd15", NaNVAE(random_vae("sd15")))}) as (url, _host), caplog.at_level(logging.WARNING, logger="remote_vae.server"):
+    with (
+        hosting({"sd15": ("sd15", NaNVAE(random_vae("sd15")))}) as (url, _host),
+        caplog.at_level(logging.WARNING, logger="remote_vae.server"),
+    ):
         response = post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
         assert torch.isnan(tensor_of(response)).any()
     assert "sd15 decode produced NaN/Inf values" in caplog.text
@@ -383,8 +449,16 @@ def test_load_hint_is_added_unless_the_loaders_message_has_one(caplog):
     hint = "start with --model {spec}=/path"
     cases = [
         (ModelLoadError("offline"), "offline; start with --model alias:sd15=/path", False),
-        (ModelLoadError("offline; point at --model sd15=/x", has_hint=True), "offline; point at --model sd15=/x", False),
-        (OSError("disk gone"), "disk gone; start with --model alias:sd15=/path", True),  # unexpected: with traceback
+        (
+            ModelLoadError("offline; point at --model sd15=/x", has_hint=True),
+            "offline; point at --model sd15=/x",
+            False,
+        ),
+        (
+            OSError("disk gone"),
+            "disk gone; start with --model alias:sd15=/path",
+            True,
+        ),  # unexpected: with traceback
     ]
     for error, ending, traceback in cases:
         host = ModelRegistry(loader=DiffusersLoader(failing(error)), load_hint=hint)

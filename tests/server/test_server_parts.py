@@ -53,7 +53,14 @@ def test_token_from_env_and_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("header", "ok"),
-    [("Bearer s3cret", True), ("bearer s3cret", True), ("Bearer wrong", False), ("s3cret", False), (None, False), ("Basic s3cret", False)],
+    [
+        ("Bearer s3cret", True),
+        ("bearer s3cret", True),
+        ("Bearer wrong", False),
+        ("s3cret", False),
+        (None, False),
+        ("Basic s3cret", False),
+    ],
 )
 def test_bearer_check(header, ok):
     assert is_authorized("s3cret", header) is ok
@@ -61,12 +68,16 @@ def test_bearer_check(header, ok):
 
 
 def test_limits_name_the_limit():
-    limits = Limits(max_pixels=1024 * 1024, max_frames=9, max_batch_pixels=2 * 1024 * 1024, max_request_bytes=100)
+    limits = Limits(
+        max_pixels=1024 * 1024, max_frames=9, max_batch_pixels=2 * 1024 * 1024, max_request_bytes=100
+    )
     limits.check_body(100)
     limits.check_output(2, 1, 1024, 1024)
     with pytest.raises(LimitExceeded, match="101 bytes exceeds the server's limit of 100 bytes"):
         limits.check_body(101)
-    with pytest.raises(LimitExceeded, match="2048x1024 = 2097152 pixels per image exceeds .* 1048576") as info:
+    with pytest.raises(
+        LimitExceeded, match="2048x1024 = 2097152 pixels per image exceeds .* 1048576"
+    ) as info:
         limits.check_output(1, 1, 1024, 2048)
     assert info.value.status == 413
     with pytest.raises(LimitExceeded, match="13 frames exceed the server's limit of 9 frames"):

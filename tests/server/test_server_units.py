@@ -20,12 +20,30 @@ from remote_vae.remote.protocol import Scaling
 
 # hf-protocol.md 8.2: raw `pt` slices and the partial_postprocess slices the HF endpoints returned.
 REFERENCE_VECTORS = {
-    "sd15": ([-0.2177, 0.0217, -0.2258, 0.0412, -0.1687, -0.1232, -0.2416, -0.2130, -0.0543], [100, 130, 99, 133, 106, 112, 97, 100, 121]),
-    "sdxl": ([-0.3945, -0.3289, -0.2993, -0.6177, -0.5259, -0.4119, -0.5898, -0.4863, -0.3845], [77, 86, 89, 49, 60, 75, 52, 65, 78]),
-    "flux": ([0.5820, 0.5962, 0.5898, 0.5439, 0.5327, 0.5112, 0.4797, 0.4773, 0.3984], [202, 203, 203, 197, 195, 193, 189, 188, 178]),
-    "flux_packed": ([0.3198, 0.6631, 0.5864, 0.2131, 0.4944, 0.4482, 0.1776, 0.4153, 0.3176], [168, 212, 202, 155, 191, 185, 150, 180, 168]),
-    "hunyuan_video": ([0.1656, 0.2661, 0.3157, 0.0693, 0.1755, 0.2252, 0.0127, 0.1221, 0.1708], [149, 161, 168, 136, 150, 156, 129, 143, 149]),
-    "wan21": ([0.6196, 0.6382, 0.7310, 0.5869, 0.5625, 0.7373, 0.6240, 0.6465, 0.7002], [206, 209, 221, 202, 199, 222, 207, 210, 217]),
+    "sd15": (
+        [-0.2177, 0.0217, -0.2258, 0.0412, -0.1687, -0.1232, -0.2416, -0.2130, -0.0543],
+        [100, 130, 99, 133, 106, 112, 97, 100, 121],
+    ),
+    "sdxl": (
+        [-0.3945, -0.3289, -0.2993, -0.6177, -0.5259, -0.4119, -0.5898, -0.4863, -0.3845],
+        [77, 86, 89, 49, 60, 75, 52, 65, 78],
+    ),
+    "flux": (
+        [0.5820, 0.5962, 0.5898, 0.5439, 0.5327, 0.5112, 0.4797, 0.4773, 0.3984],
+        [202, 203, 203, 197, 195, 193, 189, 188, 178],
+    ),
+    "flux_packed": (
+        [0.3198, 0.6631, 0.5864, 0.2131, 0.4944, 0.4482, 0.1776, 0.4153, 0.3176],
+        [168, 212, 202, 155, 191, 185, 150, 180, 168],
+    ),
+    "hunyuan_video": (
+        [0.1656, 0.2661, 0.3157, 0.0693, 0.1755, 0.2252, 0.0127, 0.1221, 0.1708],
+        [149, 161, 168, 136, 150, 156, 129, 143, 149],
+    ),
+    "wan21": (
+        [0.6196, 0.6382, 0.7310, 0.5869, 0.5625, 0.7373, 0.6240, 0.6465, 0.7002],
+        [206, 209, 221, 202, 199, 222, 207, 210, 217],
+    ),
 }
 
 
@@ -47,7 +65,12 @@ def test_uint8_conversion_of_video_puts_frames_first():
 
 
 @settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 2), half_h=st.integers(1, 4), half_w=st.integers(1, 4), channels=st.sampled_from([4, 16]))
+@given(
+    batch=st.integers(1, 2),
+    half_h=st.integers(1, 4),
+    half_w=st.integers(1, 4),
+    channels=st.sampled_from([4, 16]),
+)
 def test_unpack_matches_diffusers(batch, half_h, half_w, channels):
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
@@ -78,18 +101,37 @@ def test_scaling_precedence_and_inverse():
     flux = PRESETS["flux"]
     model = _Configured(scaling_factor=2.0, shift_factor=0.5)  # differs from the preset: the config wins
     z = torch.randn(2, 16, 3, 3)
-    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), model_factors(model, flux), flux), z / 2.0 + 0.5)
+    torch.testing.assert_close(
+        to_vae_space(z, Scaling(use_model_defaults=True), model_factors(model, flux), flux), z / 2.0 + 0.5
+    )
     torch.testing.assert_close(to_vae_space(z, Scaling(4.0, None), model_factors(model, flux), flux), z / 4.0)
     torch.testing.assert_close(to_vae_space(z, Scaling(None, 1.0), model_factors(model, flux), flux), z + 1.0)
     assert torch.equal(to_vae_space(z, Scaling(), model_factors(model, flux), flux), z)
     # a model without a config falls back to the preset's factors
-    torch.testing.assert_close(to_vae_space(z, Scaling(use_model_defaults=True), model_factors(_Configured(), flux), flux), z / 0.3611 + 0.1159)
+    torch.testing.assert_close(
+        to_vae_space(z, Scaling(use_model_defaults=True), model_factors(_Configured(), flux), flux),
+        z / 0.3611 + 0.1159,
+    )
     for scaling in (Scaling(use_model_defaults=True), Scaling(4.0, -0.25), Scaling(), Scaling(None, 1.0)):
-        torch.testing.assert_close(from_vae_space(to_vae_space(z, scaling, model_factors(model, flux), flux), scaling, model_factors(model, flux), flux), z)
+        torch.testing.assert_close(
+            from_vae_space(
+                to_vae_space(z, scaling, model_factors(model, flux), flux),
+                scaling,
+                model_factors(model, flux),
+                flux,
+            ),
+            z,
+        )
     wan = PRESETS["wan21"]
     v = torch.randn(1, 16, 2, 2, 2)
-    torch.testing.assert_close(to_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan), wan.to_raw(v))
-    torch.testing.assert_close(from_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan), wan.from_raw(v))
+    torch.testing.assert_close(
+        to_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan),
+        wan.to_raw(v),
+    )
+    torch.testing.assert_close(
+        from_vae_space(v, Scaling(use_model_defaults=True), model_factors(_Configured(), wan), wan),
+        wan.from_raw(v),
+    )
 
 
 def test_scaling_is_done_in_float32():

@@ -32,7 +32,9 @@ def test_blending_of_a_local_function_is_exact():
 def test_tiling_also_runs_downscaling_functions():
     x = torch.randn(1, 3, 64, 96)
     pool = lambda t: torch.nn.functional.avg_pool2d(t, 8)  # noqa: E731
-    torch.testing.assert_close(run_tiled(pool, x, tile=32, overlap=8, scale=1 / 8), pool(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        run_tiled(pool, x, tile=32, overlap=8, scale=1 / 8), pool(x), rtol=0, atol=1e-6
+    )
 
 
 def test_overlap_must_be_less_than_half_a_tile():

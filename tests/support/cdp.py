@@ -55,7 +55,9 @@ class Chromium:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise CDPError(f"chromium exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise CDPError(
+                    f"chromium exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}"
+                )
             if port_file.exists() and (lines := port_file.read_text().splitlines()):
                 return int(lines[0])
             time.sleep(0.1)

@@ -137,10 +137,22 @@ def frontend_root(version: str) -> Path:
             staging = FRONTEND_CACHE / f"staging-{version}"
             shutil.rmtree(staging, ignore_errors=True)
             requirement = f"comfyui-frontend-package=={version}"
-            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging), requirement]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                str(staging),
+                requirement,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if done.returncode != 0:
-                raise HarnessError(f"could not install {requirement}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+                raise HarnessError(
+                    f"could not install {requirement}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
     return static

@@ -35,4 +35,8 @@ def intersect(a: Box, b: Box) -> bool:
 
 def overlapping(boxes: dict[str, Box]) -> list[tuple[str, str]]:
     """The pairs of named boxes that overlap."""
-    return [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes.items(), 2) if intersect(box_a, box_b)]
+    return [
+        (a, b)
+        for (a, box_a), (b, box_b) in itertools.combinations(boxes.items(), 2)
+        if intersect(box_a, box_b)
+    ]

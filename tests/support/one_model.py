@@ -27,7 +27,9 @@ def hosting(model, settings=None, options=None, dtype="float32", preset="sd15"):
 
 def pt(url, latent, extra_params=(), model="sd15", **kw):
     params = [("output_dtype", "float32"), *extra_params]
-    return post_decode(f"{url}/{model}", latent, output_type="pt", do_scaling=False, extra_params=params, **kw)
+    return post_decode(
+        f"{url}/{model}", latent, output_type="pt", do_scaling=False, extra_params=params, **kw
+    )
 
 
 def reference(vae, latent):

@@ -16,7 +16,9 @@ import requests
 from .net import free_port
 
 STARTUP_SECONDS = 180  # importing torch and diffusers on a busy 2-core machine
-COMFYUI_ENV = "REMOTE_VAE_COMFYUI_DIR"  # names the tests' ComfyUI tree, and makes a server use ComfyUI's VAE code
+COMFYUI_ENV = (
+    "REMOTE_VAE_COMFYUI_DIR"  # names the tests' ComfyUI tree, and makes a server use ComfyUI's VAE code
+)
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -27,10 +29,21 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(
+    args: list[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start `python -m remote_vae.local_server ARGS` and wait until /health answers."""
     port = free_port()
-    command = [sys.executable, "-m", "remote_vae.local_server", "--port", str(port), "--log-level", "warning", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "remote_vae.local_server",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(env)
     )
@@ -65,4 +78,6 @@ def reset_peak_rss(pid: int) -> Callable[[], int]:
     returns a function that reads the peak since then, in bytes (the kernel's high-water mark, VmHWM)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
     status = Path(f"/proc/{pid}/status")
-    return lambda: next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    return lambda: next(
+        int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:")
+    )

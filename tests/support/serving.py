@@ -65,18 +65,30 @@ def hosting(
 # --------------------------------------------------------------------------- raw protocol requests
 
 
-def post_decode(url: str, tensor: torch.Tensor, *, extra_params=(), headers=None, **options) -> requests.Response:
+def post_decode(
+    url: str, tensor: torch.Tensor, *, extra_params=(), headers=None, **options
+) -> requests.Response:
     """A decode request built by our codec (byte-identical to diffusers'), plus raw extra params."""
     wire = protocol.build_decode_request(tensor, **options)
     return requests.post(
-        url, params=wire.params + list(extra_params), headers={**wire.headers, **(headers or {})}, data=wire.body, timeout=60
+        url,
+        params=wire.params + list(extra_params),
+        headers={**wire.headers, **(headers or {})},
+        data=wire.body,
+        timeout=60,
     )
 
 
-def post_encode(url: str, image: torch.Tensor | bytes, *, extra_params=(), headers=None, **options) -> requests.Response:
+def post_encode(
+    url: str, image: torch.Tensor | bytes, *, extra_params=(), headers=None, **options
+) -> requests.Response:
     wire = protocol.build_encode_request(image, **options)
     return requests.post(
-        url, params=wire.params + list(extra_params), headers={**wire.headers, **(headers or {})}, data=wire.body, timeout=60
+        url,
+        params=wire.params + list(extra_params),
+        headers={**wire.headers, **(headers or {})},
+        data=wire.body,
+        timeout=60,
     )
 
 

@@ -230,8 +230,10 @@ def pick(page, node_id: int, name: str, value: str) -> None:
     click_element(page, f"""{node_element(node_id)}.querySelector('[role=combobox][aria-label="{name}"]')""")
     option = f"""Array.from(document.querySelectorAll("[role=option]"))
                    .find((option) => option.textContent.trim() === {json.dumps(value)})"""
-    page.wait_for(f"""(() => {{ const found = {option}; found?.scrollIntoView({{ block: "nearest" }}); return !!found; }})()""",
-                  timeout=10)
+    page.wait_for(
+        f"""(() => {{ const found = {option}; found?.scrollIntoView({{ block: "nearest" }}); return !!found; }})()""",
+        timeout=10,
+    )
     click_element(page, option)
     page.wait_for('!document.querySelector("[role=listbox]")', timeout=10)  # the dropdown has closed
 
@@ -269,7 +271,9 @@ def screenshot(page, name: str) -> Path:
 
 
 def next_frame(page) -> None:
-    page.evaluate("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))")
+    page.evaluate(
+        "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))"
+    )
 
 
 def load_example(page, path: Path) -> dict:
@@ -325,7 +329,9 @@ def notes_fit(page) -> bool:
 @contextlib.contextmanager
 def full_hd(page) -> Iterator[None]:
     """A 1920×1080 page: an example fits at a zoom where the canvas still draws node text."""
-    page.call("Emulation.setDeviceMetricsOverride", width=1920, height=1080, deviceScaleFactor=1, mobile=False)
+    page.call(
+        "Emulation.setDeviceMetricsOverride", width=1920, height=1080, deviceScaleFactor=1, mobile=False
+    )
     try:
         page.wait_for(f"{APP}.canvas.canvas.clientWidth > 1800")
         yield
@@ -367,7 +373,9 @@ def preset_line(name: str) -> str:
     if p.uses_mean_std:
         parts.append("per-channel mean/std")
     else:
-        parts.append(f"scale {p.scaling_factor:g}" + ("" if p.shift_factor is None else f", shift {p.shift_factor:g}"))
+        parts.append(
+            f"scale {p.scaling_factor:g}" + ("" if p.shift_factor is None else f", shift {p.shift_factor:g}")
+        )
     return f"{p.label}: " + " · ".join(parts)
 
 
@@ -388,7 +396,9 @@ def size(count: int) -> str:
 def transfer_line(event: dict) -> str:
     """What the node shows for a `remote_vae.transfer` event."""
     server, endpoint = event["server"], event["endpoint"]
-    where = f"{server} at {endpoint}" if server and endpoint and server != endpoint else server or endpoint or "?"
+    where = (
+        f"{server} at {endpoint}" if server and endpoint and server != endpoint else server or endpoint or "?"
+    )
     requests = event["requests"]
     return (
         f"last run: sent {size(event['bytes_sent'])}, received {size(event['bytes_received'])} "
@@ -474,10 +484,13 @@ def test_check_button_shows_the_servers_models(page, vae_server):
     click_widget(page, decode, "check endpoint")
     assert wait_line(page, decode, "check", ("✓", "✗")) == f"✓ {endpoint} is up · models: sd15 (loaded)"
     wait_panel_fits(page, decode)
-    assert page.evaluate(
-        f"""getComputedStyle({APP}.graph.getNodeById({decode}).widgets.find((w) => w.name === "remote_vae_info")
+    assert (
+        page.evaluate(
+            f"""getComputedStyle({APP}.graph.getNodeById({decode}).widgets.find((w) => w.name === "remote_vae_info")
              .element.querySelector('[data-line="check"]')).color"""
-    ) == "rgb(102, 204, 102)"
+        )
+        == "rgb(102, 204, 102)"
+    )
 
     port = free_port()
     set_widget(page, encode, "endpoint", f"http://127.0.0.1:{port}/", as_user=False)
@@ -595,11 +608,14 @@ def test_the_settings_entry_binds_a_token_and_never_shows_it(page, comfy, vae_se
     page.evaluate(  # the Remove button unbinds it
         """document.querySelector("#token-settings .remote-vae-token-origin button").click(); true"""
     )
-    assert page.wait_for(
-        """(document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "")
+    assert (
+        page.wait_for(
+            """(document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "")
              .startsWith("✓ token removed") && document.querySelector("#token-settings .remote-vae-token-list")
              .textContent"""
-    ) == "No server has a token."
+        )
+        == "No server has a token."
+    )
     page.evaluate('document.querySelector("#token-settings").remove(); true')
 
 
@@ -621,7 +637,6 @@ def test_an_old_workflow_with_a_token_variable_loads_and_warns_once(page):
         assert page.wait_for(count) == 1
     values = page.evaluate(f"{APP}.graph.getNodeById({decode}).widgets.map((w) => w.value)")
     assert values[:4] == ["auto", "", "lossless", 300]
-
 
 
 def test_a_pack_that_takes_our_node_id_is_named_once(page):

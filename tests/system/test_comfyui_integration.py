@@ -153,7 +153,9 @@ def test_object_info_lists_our_nodes(comfy):
     assert set(NODE_CLASS_MAPPINGS) <= set(info)
     loader = info["RemoteVAELoader"]
     assert loader["display_name"] == "Remote VAE Loader" and loader["category"] == "latent/remote"
-    assert loader["input_order"] == {"required": ["endpoint", "transfer", "timeout"]} and loader["output"] == ["VAE"]
+    assert loader["input_order"] == {"required": ["endpoint", "transfer", "timeout"]} and loader[
+        "output"
+    ] == ["VAE"]
     for node_type in ("RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode"):
         node = info[node_type]
         assert node["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_type]
@@ -233,7 +235,9 @@ def test_remote_decode_equals_vaedecode(comfy, vae_server, transfer):
     vae = p.add("VAELoader", vae_name=FILES["sd15"])
     latent = p.add("VAEEncode", pixels=[image, 0], vae=[vae, 0])
     # An API prompt saved before tokens were bound to servers still runs: its token_env input is ignored.
-    remote = p.remote("RemoteVAEDecode", latent, "sd15", f"{vae_server}/sd15", transfer, token_env="AWS_SECRET_KEY")
+    remote = p.remote(
+        "RemoteVAEDecode", latent, "sd15", f"{vae_server}/sd15", transfer, token_env="AWS_SECRET_KEY"
+    )
     local = p.add("VAEDecode", samples=[latent, 0], vae=[vae, 0])
     p.add("RemoteVAETestSaveTensor", images=[remote, 0], name=f"decode_remote_{transfer}")
     p.add("RemoteVAETestSaveTensor", images=[local, 0], name=f"decode_local_{transfer}")

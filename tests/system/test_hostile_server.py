@@ -50,7 +50,10 @@ def z(*shape: int) -> torch.Tensor:
 def raw_decode(wire: protocol.WireRequest) -> bytes:
     """`wire` as the bytes of a raw POST /sd15."""
     query = "&".join(f"{k}={v}" for k, v in wire.params)
-    return request_head("POST", f"/sd15?{query}", {**wire.headers, "Content-Length": str(len(wire.body))}) + wire.body
+    return (
+        request_head("POST", f"/sd15?{query}", {**wire.headers, "Content-Length": str(len(wire.body))})
+        + wire.body
+    )
 
 
 def test_sigterm_refuses_uploads_in_progress_and_exits_within_its_bound(folder):
@@ -135,7 +138,10 @@ class Hostiles:
         """Asks for a 7 MiB answer into a 4 KiB receive window and reads none of it until the attack ends;
         then whether the server had dropped it."""
         wire = protocol.build_decode_request(
-            z(1, 4, 96, 96), output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")
+            z(1, 4, 96, 96),
+            output_type="pt",
+            do_scaling=False,
+            extensions=protocol.Extensions(output_dtype="float32"),
         )
         with contextlib.closing(connect(self.url, receive_buffer=4096, timeout=30)) as sock:
             sock.sendall(raw_decode(wire))
@@ -173,14 +179,28 @@ def ordinary_decode(url: str) -> float:
 
 
 def test_hostile_clients_at_once_leave_an_ordinary_decode_fast_and_memory_bounded(folder):
-    args = ["--model", f"sd15={folder}", "--preload", "--send-timeout", "3", "--min-upload-rate", "4096", "--upload-timeout", "3"]
+    args = [
+        "--model",
+        f"sd15={folder}",
+        "--preload",
+        "--send-timeout",
+        "3",
+        "--min-upload-rate",
+        "4096",
+        "--upload-timeout",
+        "3",
+    ]
     with running_server(args) as (url, process):
         for _ in range(3):
             ordinary_decode(url)  # warm-up
         before = statistics.median(ordinary_decode(url) for _ in range(7))
         with Hostiles(url) as hostiles:
-            hostiles.start("unread", hostiles.never_reads, count=2)  # once each: 2 x 7 MiB answers, held unread
-            wait_for_metric(url, 'outcome="ok",status="200"} 12')  # their decodes are done (a decode's memory is no attack's)
+            hostiles.start(
+                "unread", hostiles.never_reads, count=2
+            )  # once each: 2 x 7 MiB answers, held unread
+            wait_for_metric(
+                url, 'outcome="ok",status="200"} 12'
+            )  # their decodes are done (a decode's memory is no attack's)
             peak = reset_peak_rss(process.pid)
             start = peak()
             hostiles.start("header", hostiles.header_flood)
@@ -195,7 +215,13 @@ def test_hostile_clients_at_once_leave_an_ordinary_decode_fast_and_memory_bounde
     normal = min(before, after)  # the machine's other work may slow either; the faster is the normal time
     print(f"ordinary decode {before * 1000:.0f} ms before, {attacked * 1000:.0f} ms under attack, {after * 1000:.0f} ms after; "
           f"peak RSS grew {grown >> 20} MiB; {dict(hostiles.seen)}")  # fmt: skip
-    assert attacked <= 2 * normal, f"an ordinary decode took {attacked:.3f} s under attack, {normal:.3f} s without"
+    assert attacked <= 2 * normal, (
+        f"an ordinary decode took {attacked:.3f} s under attack, {normal:.3f} s without"
+    )
     assert grown <= PEAK_GROWTH_BOUND, f"the server's peak memory grew by {grown >> 20} MiB"
-    assert hostiles.seen["header 431"] >= 1 and hostiles.seen["upload 408"] >= 4 and hostiles.seen["unread dropped"] == 2
+    assert (
+        hostiles.seen["header 431"] >= 1
+        and hostiles.seen["upload 408"] >= 4
+        and hostiles.seen["unread dropped"] == 2
+    )
     assert hostiles.seen["bomb 413"] + hostiles.seen["bomb 400"] >= 1

@@ -18,7 +18,9 @@ def pyproject() -> dict:
 
 def test_requirements_txt_lists_the_runtime_dependencies():
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert [line for line in lines if line and not line.startswith("#")] == pyproject()["project"]["dependencies"]
+    assert [line for line in lines if line and not line.startswith("#")] == pyproject()["project"][
+        "dependencies"
+    ]
 
 
 def test_registry_and_entry_points():
@@ -33,7 +35,11 @@ def test_registry_and_entry_points():
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
     start, test = blocks[0], blocks[1]
-    assert (ROOT / "README.md").read_text().startswith("# remote-vae\n\n```bash\n" + start + "\n```\n\n```bash\n" + test)
+    assert (
+        (ROOT / "README.md")
+        .read_text()
+        .startswith("# remote-vae\n\n```bash\n" + start + "\n```\n\n```bash\n" + test)
+    )
     assert start.endswith("remote-vae-server") and test == "bash tests/run_all.sh"
     assert "bash tests/run_all.sh" in (ROOT / ".ci" / "run").read_text()
 
@@ -42,7 +48,9 @@ def registry_archive() -> list[str]:
     """The files `comfy node publish` packs: git-tracked files minus .comfyignore's patterns."""
 
     def listed(*options: str) -> set[str]:
-        out = subprocess.run(["git", "ls-files", *options], cwd=ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "ls-files", *options], cwd=ROOT, capture_output=True, text=True, check=True
+        )
         return set(out.stdout.splitlines())
 
     return sorted(listed() - listed("-ci", "--exclude-from=.comfyignore"))
@@ -69,7 +77,12 @@ def test_the_pack_loads_from_the_registry_archive_alone(tmp_path):
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-        assert set(module.NODE_CLASS_MAPPINGS) == {"RemoteVAEDecode", "RemoteVAEEncode", "RemoteVideoDecode", "RemoteVAELoader"}
+        assert set(module.NODE_CLASS_MAPPINGS) == {
+            "RemoteVAEDecode",
+            "RemoteVAEEncode",
+            "RemoteVideoDecode",
+            "RemoteVAELoader",
+        }
         assert (pack / module.WEB_DIRECTORY / "remote_vae.js").is_file()
     finally:
         for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
@@ -79,4 +92,3 @@ def test_the_pack_loads_from_the_registry_archive_alone(tmp_path):
 def test_readme_says_how_to_install_from_the_registry():
     readme = (ROOT / "README.md").read_text()
     assert "comfy node install remote-vae" in readme and "ComfyUI-Manager" in readme
-

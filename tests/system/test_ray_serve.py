@@ -33,7 +33,12 @@ def ray_endpoint(tiny_vae):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {"models": f"sd15={tiny_vae[1]}", "num_replicas": "2", "cpus_per_replica": "0.5", "device": "cpu"}
+        args = {
+            "models": f"sd15={tiny_vae[1]}",
+            "num_replicas": "2",
+            "cpus_per_replica": "0.5",
+            "device": "cpu",
+        }
         serve.run(build(args), route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -46,7 +51,9 @@ def test_both_replicas_serve_correct_results(ray_endpoint, tiny_vae):
     latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(16)]
 
     def decode(z: torch.Tensor):
-        wire = protocol.build_decode_request(z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32"))
+        wire = protocol.build_decode_request(
+            z, output_type="pt", do_scaling=False, extensions=protocol.Extensions(output_dtype="float32")
+        )
         reply = send(f"{ray_endpoint}/sd15", wire, timeout=(10, 120), retries=2)
         return reply.headers["x-remote-vae-replica"], reply.tensor()
 
@@ -65,4 +72,8 @@ def test_deployment_options_from_serve_run_arguments():
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_gpus": 1.0, "num_cpus": 4.0}
     auto = deployment_options({"min_replicas": "1", "max_replicas": "3", "target_ongoing_requests": "4"})
-    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4.0}
+    assert auto["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 4.0,
+    }

@@ -54,7 +54,10 @@ def test_sigterm_lets_the_running_request_finish(folder):
 
 
 def test_killed_server_gives_a_clear_error_and_a_second_server_takes_over(folder):
-    with running_server(["--model", f"sd15={folder}"]) as (a, process_a), running_server(["--model", f"sd15={folder}"]) as (b, _):
+    with (
+        running_server(["--model", f"sd15={folder}"]) as (a, process_a),
+        running_server(["--model", f"sd15={folder}"]) as (b, _),
+    ):
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(send, a + "/sd15", wire(), timeout=(10, 300), retries=0)
             wait_until_running(a)
@@ -72,7 +75,12 @@ def test_token_from_the_environment(folder):
         with pytest.raises(RemoteVAEError, match="answered 401") as info:
             send(url + "/sd15", wire((1, 4, 8, 8)), retries=0, tokens=TokenStore())
         assert "process-secret" not in str(info.value)
-        assert send(url + "/sd15", wire((1, 4, 8, 8)), token="process-secret").tensor().shape == (1, 64, 64, 3)
+        assert send(url + "/sd15", wire((1, 4, 8, 8)), token="process-secret").tensor().shape == (
+            1,
+            64,
+            64,
+            3,
+        )
 
 
 def test_open_bind_without_a_token_warns(folder):
