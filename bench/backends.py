@@ -98,7 +98,7 @@ def main() -> None:
         f"Full-size SD VAE (seeded random weights) saved as one ComfyUI single file, float32 on cpu, {args.threads} "
         f"threads per server, exact float32 answers over 127.0.0.1, {args.repeats} alternating runs after a "
         f"warm-up. comfy / diffusers time: {ratio:.2f}x; largest difference between the answers: {difference:.2e}. "
-        f"(code at {revision()})",
+        f"({revision()})",
     )
 
 
