@@ -21,8 +21,11 @@ from remote_vae.local_server.comfy_models import build_comfy_registry
 from remote_vae.local_server.limits import Limits
 from remote_vae.remote import protocol, remote_decode, remote_encode
 from remote_vae.remote.protocol import Extensions
-from support.comfy_vaes import FAMILIES, comfyui_installation, imported_comfyui, save_vae_file
-from support.comfyui_harness import HarnessError, comfyui_dir
+from support.comfy_vaes import (
+    FAMILIES,
+    imported_test_comfyui,
+    save_vae_file,
+)
 from support.serving import error_of, post_decode, post_encode, serve, tensor_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,12 +36,7 @@ EXACT = Extensions(output_dtype="float32")
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory) -> Iterator:
-    try:
-        source = comfyui_dir()
-    except HarnessError as exc:  # offline without the cached wheel
-        pytest.skip(f"no ComfyUI tree: {exc}")
-    installation = comfyui_installation(source, tmp_path_factory.mktemp("comfyui") / "ComfyUI")
-    with imported_comfyui(installation) as imported:
+    with imported_test_comfyui(tmp_path_factory.mktemp("comfyui")) as imported:
         yield imported
 
 

@@ -30,8 +30,11 @@ from remote_vae.local_server.registry import ModelRegistry
 from remote_vae.remote.presets import PRESETS
 from remote_vae.remote.protocol import Extensions
 from remote_vae.testing import image_of
-from support.comfy_vaes import FAMILIES, comfyui_installation, imported_comfyui, save_vae_file
-from support.comfyui_harness import HarnessError, comfyui_dir
+from support.comfy_vaes import (
+    FAMILIES,
+    imported_test_comfyui,
+    save_vae_file,
+)
 from support.processes import running_server, server_env
 from support.serving import error_of, post_decode, post_encode, serve, tensor_of
 
@@ -43,14 +46,8 @@ EXACT = Extensions(output_dtype="float32")
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory) -> Iterator:
-    try:
-        source = comfyui_dir()
-    except HarnessError as exc:  # offline without the cached wheel
-        pytest.skip(f"no ComfyUI tree: {exc}")
     root = tmp_path_factory.mktemp("comfyui")
-    installation = comfyui_installation(source, root / "ComfyUI", extra_vae_dir=root / "elsewhere")
-    (root / "elsewhere").mkdir()
-    with imported_comfyui(installation) as imported:
+    with imported_test_comfyui(root, extra_vae_dir=root / "elsewhere") as imported:
         yield imported
 
 

@@ -182,3 +182,22 @@ def imported_comfyui(root: Path) -> Iterator[Any]:
 def _under(module: Any, root: Path) -> bool:
     places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]  # namespace packages
     return any(str(place).startswith(str(root)) for place in places)
+
+
+@contextlib.contextmanager
+def imported_test_comfyui(root: Path, *, extra_vae_dir: Path | None = None) -> Iterator[Any]:
+    """The harness's ComfyUI tree installed under `root` and imported; a skip where none can be had."""
+    import pytest
+
+    from .comfyui_harness import HarnessError, comfyui_dir
+
+    try:
+        source = comfyui_dir()
+    except HarnessError as exc:  # offline without the cached wheel
+        pytest.skip(f"no ComfyUI tree: {exc}")
+    if extra_vae_dir is not None:
+        extra_vae_dir.mkdir(parents=True, exist_ok=True)
+    with imported_comfyui(
+        comfyui_installation(source, root / "ComfyUI", extra_vae_dir=extra_vae_dir)
+    ) as comfy:
+        yield comfy

@@ -373,3 +373,15 @@ class EventListener:
 
     def of_type(self, kind: str) -> list[dict]:
         return [m["data"] for m in list(self.messages) if m.get("type") == kind]
+
+
+class Prompt:
+    """An API-format prompt built node by node; `add` returns the node id."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id

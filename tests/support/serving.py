@@ -69,20 +69,17 @@ def post_decode(
     url: str, tensor: torch.Tensor, *, extra_params=(), headers=None, **options
 ) -> requests.Response:
     """A decode request built by our codec (byte-identical to diffusers'), plus raw extra params."""
-    wire = protocol.build_decode_request(tensor, **options)
-    return requests.post(
-        url,
-        params=wire.params + list(extra_params),
-        headers={**wire.headers, **(headers or {})},
-        data=wire.body,
-        timeout=60,
-    )
+    return post(url, protocol.build_decode_request(tensor, **options), extra_params, headers)
 
 
 def post_encode(
     url: str, image: torch.Tensor | bytes, *, extra_params=(), headers=None, **options
 ) -> requests.Response:
-    wire = protocol.build_encode_request(image, **options)
+    return post(url, protocol.build_encode_request(image, **options), extra_params, headers)
+
+
+def post(url: str, wire: protocol.WireRequest, extra_params=(), headers=None) -> requests.Response:
+    """`wire` POSTed as built, with raw extra query parameters and headers after it."""
     return requests.post(
         url,
         params=wire.params + list(extra_params),

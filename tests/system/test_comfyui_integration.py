@@ -24,6 +24,7 @@ from remote_vae.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from remote_vae.testing import comfy_decode, random_vae, save_comfy_single_file
 from support import stub_servers
 from support.comfyui_harness import EventListener, error_of, running_comfyui, running_vae_server, status_of
+from support.comfyui_harness import Prompt as HarnessPrompt
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -111,16 +112,8 @@ def comfy(base):
 # --------------------------------------------------------------------------- prompt building
 
 
-class Prompt:
-    """An API-format prompt built node by node; `add` returns the node id."""
-
-    def __init__(self):
-        self.nodes: dict[str, dict] = {}
-
-    def add(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
+class Prompt(HarnessPrompt):
+    """An API-format prompt (support.comfyui_harness.Prompt) with this file's shorthand."""
 
     def remote(self, class_type: str, source: str, preset: str, endpoint: str, transfer: str, **extra) -> str:
         first = "pixels" if class_type == "RemoteVAEEncode" else "samples"

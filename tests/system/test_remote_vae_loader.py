@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from support.comfyui_harness import REPO, comfyui_dir, running_comfyui, running_vae_server, status_of
+from support.comfyui_harness import Prompt as HarnessPrompt
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -150,16 +151,8 @@ def comfy(base):
         yield comfy
 
 
-class Prompt:
-    """An API-format prompt built node by node; `add` returns the node id."""
-
-    def __init__(self):
-        self.nodes: dict[str, dict] = {}
-
-    def add(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
+class Prompt(HarnessPrompt):
+    """An API-format prompt (support.comfyui_harness.Prompt) with this file's shorthand."""
 
     def vaes(self, server: str, name: str) -> dict[str, str]:
         """The same file twice: {"remote": RemoteVAELoader, "local": VAELoader}."""
