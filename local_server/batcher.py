@@ -1,10 +1,14 @@
-"""Dynamic batching: requests with the same key that arrive within a short window run as one batch.
+"""Dynamic batching: requests with the same key that arrive while the device is busy run as one batch.
 
 The key holds everything that must match (model, operation, shape after the batch dimension, dtype
-and options). A batch closes when the window ends, or earlier when one more request would pass the
-element budget (kept below 2^31 elements, the limit of many GPU kernels). Results are split back along
-the batch dimension, in order. Requests that leave (cancelled waiters) are dropped when their batch
-forms, and a batch all of whose requests left is cancelled before it reaches the device.
+and options). A request that finds the batcher idle (no batch of its own on the device, none forming)
+starts on the next turn of the event loop, with whatever was submitted in the same turn: a lone request
+never waits for a window. Requests arriving while a batch runs gather into the next one, which closes
+when the device frees (every batch in flight has finished), when the window ends, or earlier when one
+more request would pass the item or element budget (kept below 2^31 elements, the limit of many GPU
+kernels). Results are split back along the batch dimension, in order. Requests that leave (cancelled
+waiters) are dropped when their batch forms, and a batch all of whose requests left is cancelled before
+it reaches the device.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ class _Pending:
     tensors: list[torch.Tensor] = field(default_factory=list)
     futures: list[asyncio.Future] = field(default_factory=list)
     elements: int = 0
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class Batcher:
@@ -54,6 +58,7 @@ class Batcher:
         self._max_elements = min(max_elements, KERNEL_ELEMENT_LIMIT)
         self._cost = element_cost
         self._pending: dict[Hashable, _Pending] = {}
+        self._in_flight = 0  # batches handed to `run` and not finished
 
     async def submit(self, key: Hashable, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         loop = asyncio.get_running_loop()
@@ -65,8 +70,11 @@ class Batcher:
             self._flush(key)
             pending = None
         if pending is None:
+            idle = self._in_flight == 0 and not self._pending
             pending = self._pending[key] = _Pending()
-            pending.timer = loop.call_later(self._window, self._flush, key)
+            pending.timer = (
+                loop.call_soon(self._flush, key) if idle else loop.call_later(self._window, self._flush, key)
+            )
         future = loop.create_future()
         pending.tensors.append(tensor)
         pending.futures.append(future)
@@ -81,7 +89,17 @@ class Batcher:
             return
         if pending.timer is not None:
             pending.timer.cancel()
-        asyncio.get_running_loop().create_task(self._execute(key, pending))
+        self._in_flight += 1
+        asyncio.get_running_loop().create_task(self._executing(key, pending))
+
+    async def _executing(self, key: Hashable, pending: _Pending) -> None:
+        try:
+            await self._execute(key, pending)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:  # the device is free: what gathered meanwhile starts now
+                for waiting in list(self._pending):
+                    self._flush(waiting)
 
     async def _execute(self, key: Hashable, pending: _Pending) -> None:
         # Requests that left while the batch formed (deadline passed, client gone) are dropped from it.

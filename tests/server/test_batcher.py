@@ -1,4 +1,5 @@
-"""The dynamic batcher: same-key requests in one window run together and get their own results back."""
+"""The dynamic batcher: same-key requests that arrive together (in one loop turn, or while the device is
+busy) run together and get their own results back; a lone request on an idle device never waits."""
 
 import asyncio
 
@@ -98,3 +99,51 @@ def test_a_lone_request_is_not_held_longer_than_the_window(window):
     batcher = Batcher(rec, window=window)
     out, _ = run(batcher.submit("k", torch.ones(1, 1)))
     assert torch.equal(out, torch.full((1, 1), 10.0)) and len(rec.calls) == 1
+
+
+class Gated(Recorder):
+    """Holds each batch on the 'device' until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, key, batch: torch.Tensor) -> torch.Tensor:
+        result = await super().__call__(key, batch)
+        await self.release.wait()
+        return result
+
+
+def test_a_lone_request_on_an_idle_device_does_not_wait_for_the_window():
+    rec = Recorder()
+    batcher = Batcher(rec, window=5.0)
+
+    async def main():
+        started = asyncio.get_running_loop().time()
+        await batcher.submit("k", torch.ones(1, 1))
+        return asyncio.get_running_loop().time() - started
+
+    assert run(main()) < 1.0 and rec.calls == [("k", (1, 1))]
+
+
+def test_requests_arriving_while_the_device_is_busy_batch_and_start_when_it_frees():
+    gated = Gated()
+    batcher = Batcher(gated, window=5.0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(batcher.submit("k", torch.ones(1, 1)))
+        while not gated.calls:  # the first request is on the device at once
+            await asyncio.sleep(0)
+        later = [asyncio.ensure_future(batcher.submit("k", torch.full((1, 1), 2.0))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert len(gated.calls) == 1  # the others wait while the device is busy
+        freed = loop.time()
+        gated.release.set()
+        outs = await asyncio.gather(first, *later)
+        return outs, loop.time() - freed
+
+    outs, after_free = run(main())
+    assert [shape[0] for _, shape in gated.calls] == [1, 3]
+    assert after_free < 1.0  # started when the device freed, not at the end of the window
+    assert [out.item() for out, _ in outs] == [10.0, 20.0, 20.0, 20.0]

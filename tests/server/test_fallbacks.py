@@ -1,8 +1,10 @@
 """Tiling on request or by memory budget, and the out-of-memory and NaN fallbacks."""
 
+import pytest
 import requests
 import torch
 
+from remote_vae.local_server.jobs import _all_finite
 from remote_vae.local_server.registry import Tuning
 from remote_vae.testing import random_vae
 from support.hooked import Wrapped
@@ -60,7 +62,7 @@ def test_out_of_memory_everywhere_is_a_507(vae):
         assert "does not fit in device memory even tiled" in error_of(pt(url, z(1, 4, 16, 16)), 507)
 
 
-def test_nan_in_half_precision_is_retried_in_float32(vae):
+def test_nan_in_half_precision_is_retried_in_float32(vae, caplog):
     class NaNInBF16(Wrapped):
         def decode(self, latent):
             out = self.inner.decode(latent)
@@ -78,6 +80,34 @@ def test_nan_in_half_precision_is_retried_in_float32(vae):
     )  # the retry runs the bf16-rounded weights in float32
     torch.testing.assert_close(out, reference(rounded, latent), rtol=1e-4, atol=1e-4)
     assert 'remote_vae_fallback_total{model="sd15",kind="nan"} 1' in text
+    assert "produced NaN/Inf in torch.bfloat16; retrying in float32" in caplog.text
+    assert "try --dtype float32" not in caplog.text  # the retry came out finite
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_float32_output_is_returned_with_a_warning(vae, caplog, bad):
+    class OneBadValue(Wrapped):
+        def decode(self, latent):
+            out = self.inner.decode(latent)
+            out.sample[0, 1, 2, 3] = bad
+            return out
+
+    with hosting(OneBadValue(vae)) as url:
+        out = tensor_of(pt(url, z(1, 4, 8, 8)))
+    assert out.isnan().sum() + out.isinf().sum() == 1
+    assert "produced NaN/Inf values (dtype torch.float32); try --dtype float32" in caplog.text
+    assert "retrying" not in caplog.text
+
+
+def test_the_finite_check_is_exact():
+    big = torch.full((2, 3, 4, 4), torch.finfo(torch.float32).max)
+    big[0, 0, 0, 0] = -big[0, 0, 0, 0]  # finite, though any sum of these overflows
+    assert _all_finite(big) and _all_finite(torch.empty(0, 3, 8, 8))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.zeros(1, 3, 8, 8, dtype=dtype)
+            x[0, 2, 7, 7] = bad
+            assert not _all_finite(x), (bad, dtype)
 
 
 def test_video_tiling_uses_the_models_own_tiles():
