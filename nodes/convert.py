@@ -109,11 +109,8 @@ def image_from_reply(
         decoded = reply.tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL).float().numpy()
     image = torch.empty([batch, *want[2:], 3], dtype=torch.float32)  # [B,(F,)H,W,3]
     for channel in range(3):  # each channel read in order, written to its NHWC slots
-        values = image.numpy()[..., channel]
-        np.add(decoded[:, channel], np.float32(1.0), out=values, dtype=np.float32)
-        np.divide(values, np.float32(2.0), out=values)
-        np.clip(values, np.float32(0.0), np.float32(1.0), out=values)
-    return image.view(-1, height, width, 3)
+        np.add(decoded[:, channel], np.float32(1.0), out=image.numpy()[..., channel], dtype=np.float32)
+    return image.div_(2.0).clamp_(0.0, 1.0).view(-1, height, width, 3)
 
 
 # --------------------------------------------------------------------------- encode
