@@ -51,3 +51,14 @@ def test_non_contiguous_and_other_channel_counts():
     x = every_float16(4)[:, :, ::2, 1::3]
     assert not x.is_contiguous()
     assert torch.equal(postprocess.to_uint8(x), formula(x))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_outputs_are_gathered_in_bands_of_rows(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(postprocess, "_BAND_VALUES", 1 << 12)
+    patterns = every_float16().flatten()
+    x = patterns.repeat(2)[: 3 * 131 * 296].view(1, 3, 131, 296)  # odd height: uneven bands
+    assert torch.equal(postprocess.to_uint8(x), formula(x))
+    video = x[..., :130, :].reshape(1, 3, 2, 65, 296)
+    assert torch.equal(postprocess.to_uint8(video), formula(postprocess.frames_first(video)))
