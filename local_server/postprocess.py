@@ -8,9 +8,11 @@ reference vectors exactly). All functions here are CPU work for the server's con
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,9 +149,56 @@ def to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output -> uint8 NHWC frames, exactly as `uint8_reference` computes them.
+
+    On the CPU in one gather: every float16 value has one answer, so each channel is read from a
+    65536-entry table by its float16 bit patterns straight into its NHWC slots, in bands of rows on
+    torch's intra-op thread count (numpy releases the GIL), as torch's own passes would run.
+    """
+    if x.device.type != "cpu":
+        return uint8_reference(x)
+    bits = x.half().view(torch.int16).numpy().view(np.uint16)  # [B,C,H,W] or [B,C,F,H,W]
+    pixels = np.empty((*bits.shape[:1], *bits.shape[2:], bits.shape[1]), dtype=np.uint8)  # channels last
+    table = _uint8_table()
+
+    def gather(rows: slice) -> None:
+        for channel in range(bits.shape[1]):
+            # mode="wrap": every uint16 is a valid index, and numpy then writes `out` without buffering it
+            np.take(
+                table, bits[:, channel][..., rows, :], out=pixels[..., channel][..., rows, :], mode="wrap"
+            )
+
+    height = bits.shape[-2]
+    bands = min(torch.get_num_threads(), pixels.size // _BAND_VALUES, height) or 1
+    edges = [height * band // bands for band in range(bands + 1)]
+    if bands == 1:
+        gather(slice(None))
+    else:
+        list(_render_pool().map(gather, [slice(a, b) for a, b in zip(edges, edges[1:])]))
+    return torch.from_numpy(pixels).reshape(-1, *pixels.shape[-3:])
+
+
+_BAND_VALUES = 1 << 19  # smaller bands cost more to hand over than they save
+
+
+@functools.cache
+def _render_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(
+        max_workers=max(1, torch.get_num_threads()), thread_name_prefix="remote-vae-render"
+    )
+
+
+def uint8_reference(x: torch.Tensor) -> torch.Tensor:
     """Decoder output -> uint8 NHWC frames: float16 denormalise, then *255 in float32, round half to even."""
     unit = (frames_first(x).half() * 0.5 + 0.5).clamp(0, 1)
     return (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@functools.cache
+def _uint8_table() -> np.ndarray:
+    """`uint8_reference` of every float16 bit pattern, indexed by the pattern as an unsigned integer."""
+    every_half = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    return uint8_reference(every_half.view(1, 1, 1, -1)).flatten().numpy()
 
 
 def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:

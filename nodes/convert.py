@@ -21,6 +21,8 @@ from .choices import TransferMode
 SEND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A reply that parses but does not fit the preset most likely comes from another model.
 SAME_MODEL = "check that the endpoint URL and the preset name the same model"
+# Float replies numpy reads in place (wire order is little-endian); others are converted by torch first.
+LITTLE_ENDIAN = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2")}
 
 
 # --------------------------------------------------------------------------- decode
@@ -87,15 +89,28 @@ def image_from_reply(
             hint=SAME_MODEL,
         )
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0).unsqueeze(0)
+    # Both forms are read in place from the body into one preallocated IMAGE, with the arithmetic of
+    # `uint8 / 255` and `clamp((y + 1) / 2)` in float32 (the same IEEE operations, so the same values).
     if transfer == "lossless":
         want = [batch * frames, height, width, 3]
         meaning = f"{decodes_to} {want} uint8 with preset {preset.name}"
-        return reply.tensor(want, dtype=torch.uint8, meaning=meaning, hint=SAME_MODEL).float() / 255.0
+        reply.declared_tensor(want, dtype=torch.uint8, meaning=meaning, hint=SAME_MODEL)
+        image = torch.empty(want, dtype=torch.float32)
+        np.divide(
+            np.frombuffer(reply.body, dtype=np.uint8).reshape(want), np.float32(255.0), out=image.numpy()
+        )
+        return image
     want = [batch, 3, frames, height, width] if len(latent_shape) == 5 else [batch, 3, height, width]
     meaning = f"{decodes_to} {want} float with preset {preset.name}"
-    tensor = reply.tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL)
-    images = torch.clamp((tensor.float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
-    return images.reshape(-1, height, width, 3)
+    declared = reply.declared_tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL)
+    if declared.dtype in LITTLE_ENDIAN:
+        decoded = np.frombuffer(reply.body, dtype=LITTLE_ENDIAN[declared.dtype]).reshape(want)
+    else:  # bfloat16: numpy has no such dtype
+        decoded = reply.tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL).float().numpy()
+    image = torch.empty([batch, *want[2:], 3], dtype=torch.float32)  # [B,(F,)H,W,3]
+    for channel in range(3):  # each channel read in order, written to its NHWC slots
+        np.add(decoded[:, channel], np.float32(1.0), out=image.numpy()[..., channel], dtype=np.float32)
+    return image.div_(2.0).clamp_(0.0, 1.0).view(-1, height, width, 3)
 
 
 # --------------------------------------------------------------------------- encode

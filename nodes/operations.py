@@ -180,7 +180,9 @@ def _run(jobs: Sequence[Job], run: RunOptions) -> Outcome:
     started = time.perf_counter()
     results = run_in_order(jobs, parallel=run.parallel, on_done=lambda: bar.update(1))
     seconds = time.perf_counter() - started
-    return Outcome(torch.cat([value for value, _ in results]), [t for _, t in results], seconds)
+    values = [value for value, _ in results]
+    joined = values[0] if len(values) == 1 else torch.cat(values)  # one chunk: no copy
+    return Outcome(joined, [t for _, t in results], seconds)
 
 
 def _check_transfer(transfer: str, allowed: tuple[TransferMode, ...]) -> None:

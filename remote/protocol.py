@@ -166,11 +166,20 @@ def tensor_response(tensor: torch.Tensor) -> tuple[bytes, dict[str, str]]:
 
 def parse_tensor_response(body: bytes, headers: Mapping[str, str]) -> torch.Tensor:
     """Parse a tensor response, checking that both headers are there and the body length matches."""
+    declared = declared_response_tensor(len(body), headers)
+    return tensor_from_bytes(body, list(declared.shape), declared.dtype)
+
+
+def declared_response_tensor(body_length: int, headers: Mapping[str, str]) -> torch.Tensor:
+    """The tensor a response's headers declare, as a meta tensor, checked against the body length."""
     lower = {k.lower(): v for k, v in headers.items()}
     shape = parse_shape_header(lower.get("shape"))
     if "dtype" not in lower:
         raise ProtocolError("response has no `dtype` header")
-    return tensor_from_bytes(body, shape, lower["dtype"])
+    torch_dtype = parse_dtype(lower["dtype"])
+    validate_shape(shape)
+    check_body_length(body_length, shape, torch_dtype)
+    return torch.empty(shape, dtype=torch_dtype, device="meta")
 
 
 def error_body(message: str) -> bytes:

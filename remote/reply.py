@@ -71,8 +71,24 @@ class Reply:
     ) -> torch.Tensor:
         """The body as a tensor; `shape`/`dtype` headers and the body length must agree, and the tensor
         must have `expected_shape` and `dtype` (a torch dtype, or FLOAT for any floating-point one)."""
+        declared = self.declared_tensor(expected_shape, dtype=dtype, meaning=meaning, hint=hint)
         try:
-            tensor = protocol.parse_tensor_response(self.body, self.headers)
+            return protocol.tensor_from_bytes(self.body, list(declared.shape), declared.dtype)
+        except MALFORMED_TENSOR as exc:
+            raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
+
+    def declared_tensor(
+        self,
+        expected_shape: ExpectedShape | None = None,
+        *,
+        dtype: torch.dtype | Literal["float"] | None = None,
+        meaning: str | None = None,
+        hint: str = PROTOCOL_HINT,
+    ) -> torch.Tensor:
+        """What `tensor` checks, without reading the body: the meta tensor its headers declare. The body
+        then holds exactly its bytes, little-endian and C-ordered, for a caller that reads them in place."""
+        try:
+            tensor = protocol.declared_response_tensor(len(self.body), self.headers)
         except MALFORMED_TENSOR as exc:
             raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
         shape, name = list(tensor.shape), protocol.dtype_name(tensor.dtype)

@@ -255,6 +255,39 @@ def test_image_from_reply_layouts():
     assert torch.equal(frames[3], image_of(video)[0, 3])
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)  # NaNs compare equal by their bit patterns
+
+
+def test_image_from_reply_gives_exactly_the_torch_formulas():
+    sd15 = PRESETS["sd15"]
+    every_byte = torch.arange(256, dtype=torch.uint8).repeat(3 * 2).view(2, 16, 16, 3)
+    reply = _reply(every_byte)
+    image = convert.image_from_reply(reply, "lossless", sd15, [2, 4, 2, 2])
+    assert image.is_contiguous() and torch.equal(_bits(image), _bits(every_byte.float() / 255.0))
+    image[:] = 0  # the IMAGE is ours to change: the reply's bytes were read in place, not handed out
+    assert torch.equal(convert.image_from_reply(reply, "lossless", sd15, [2, 4, 2, 2]), every_byte / 255.0)
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, 1.0, 1e-45, -1e-45, 3e38, -3e38]
+    raw = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).mul(1.2)
+    raw.view(-1)[: len(specials)] = torch.tensor(specials)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        sent = raw.to(dtype)
+        want = torch.clamp((sent.float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1).reshape(-1, 16, 16, 3)
+        image = convert.image_from_reply(_reply(sent), "exact", sd15, [2, 4, 2, 2])
+        assert image.is_contiguous() and torch.equal(_bits(image), _bits(want)), dtype
+
+
+def test_one_chunk_is_returned_without_a_copy():
+    from remote_vae.nodes import operations
+
+    value = torch.zeros(1, 8, 8, 3)
+    transfer = Transfer("http://h:8190/sd15", 200, 0, 0, 0.0, 1)
+    outcome = operations._run([lambda stop: (value, transfer)], operations.RunOptions())
+    assert outcome.value is value
+    two = operations._run([lambda stop: (value, transfer)] * 2, operations.RunOptions())
+    assert two.value.shape == (2, 8, 8, 3)
+
+
 def test_image_from_reply_refuses_what_does_not_fit():
     sd15 = PRESETS["sd15"]
     with pytest.raises(
