@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 from PIL import Image
@@ -26,6 +26,19 @@ PROTOCOL_HINT = "the server does not speak the remote-VAE protocol for this requ
 FLOAT: Literal["float"] = "float"  # as `dtype`: any floating-point dtype
 
 ExpectedShape = Sequence[int | None]  # None (or -1) entries match any size
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
+
+class TensorChecks(TypedDict, total=False):
+    """What a tensor reply must be besides its shape (see `Reply.declared_tensor`)."""
+
+    dtype: torch.dtype | Literal["float"] | None
+    meaning: str | None
+    hint: str
+
+
 # What parsing a hostile `shape`/`dtype`/body can raise, ProtocolError (a ValueError) being the usual one:
 # RecursionError from a deeply nested JSON header, RuntimeError from torch.
 MALFORMED_TENSOR = (ValueError, TypeError, OverflowError, RecursionError, RuntimeError)
@@ -62,16 +75,11 @@ class Reply:
         return RemoteVAEError(endpoint, f"answered {status} {problem}", status=status, hint=hint)
 
     def tensor(
-        self,
-        expected_shape: ExpectedShape | None = None,
-        *,
-        dtype: torch.dtype | Literal["float"] | None = None,
-        meaning: str | None = None,
-        hint: str = PROTOCOL_HINT,
+        self, expected_shape: ExpectedShape | None = None, **checks: Unpack[TensorChecks]
     ) -> torch.Tensor:
         """The body as a tensor; `shape`/`dtype` headers and the body length must agree, and the tensor
-        must have `expected_shape` and `dtype` (a torch dtype, or FLOAT for any floating-point one)."""
-        declared = self.declared_tensor(expected_shape, dtype=dtype, meaning=meaning, hint=hint)
+        must have `expected_shape` and the `checks` of `declared_tensor`."""
+        declared = self.declared_tensor(expected_shape, **checks)
         try:
             return protocol.tensor_from_bytes(self.body, list(declared.shape), declared.dtype)
         except MALFORMED_TENSOR as exc:

@@ -70,7 +70,7 @@ def random_vae(
     cls = getattr(diffusers, spec.diffusers_class)
     config = {**spec.config, **_SIZES[spec.diffusers_class][size], **config}
     model = _default_init(cls, config, seed) if init == "default" else _varied_init(cls, config, seed)
-    return model.eval().requires_grad_(False)
+    return model.train(False).requires_grad_(False)
 
 
 def _default_init(cls: type, config: dict, seed: int) -> torch.nn.Module:

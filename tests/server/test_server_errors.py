@@ -3,8 +3,11 @@ model that cannot load, 500 for the server's own faults, and the server keeps se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import requests
@@ -285,26 +288,26 @@ class BlockingVAE(torch.nn.Module):
         return self.inner.decode(z)
 
 
+@contextlib.contextmanager
+def decoding_in_background(url: str) -> Iterator[Future]:
+    """A small sd15 decode of `url` running on another thread; yields its future."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(post_decode, url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
+
+
 def test_health_answers_while_a_decode_runs():
     model = BlockingVAE(random_vae("sd15"))
     with hosting({"sd15": ("sd15", model)}) as (url, _host):
-        result: dict = {}
-        thread = threading.Thread(
-            target=lambda: result.update(
-                r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
-            )
-        )
-        thread.start()
-        try:
-            assert model.started.wait(30), "decode never started"
-            assert requests.get(url + "/health", timeout=10).text == "Ok"
-            listing = requests.get(url + "/v1/models", timeout=10).json()
-            assert listing["models"][0]["state"] == "loaded"
-            assert "r" not in result  # the decode is still held
-        finally:
-            model.release.set()
-            thread.join(60)
-        assert list(tensor_of(result["r"]).shape) == [1, 3, 64, 64]
+        with decoding_in_background(url) as pending:
+            try:
+                assert model.started.wait(30), "decode never started"
+                assert requests.get(url + "/health", timeout=10).text == "Ok"
+                listing = requests.get(url + "/v1/models", timeout=10).json()
+                assert listing["models"][0]["state"] == "loaded"
+                assert not pending.done()  # the decode is still held
+            finally:
+                model.release.set()
+            assert list(tensor_of(pending.result(60)).shape) == [1, 3, 64, 64]
 
 
 class FlakyLoader:
@@ -365,21 +368,16 @@ def test_models_show_loading_while_they_load_and_health_still_answers():
     host.add("sd15", PRESETS["sd15"], device="cpu")
     try:
         with serve(create_app(host)) as url:
-            result: dict = {}
-            thread = threading.Thread(
-                target=lambda: result.update(
-                    r=post_decode(url + "/sd15", z(1, 4, 8, 8), output_type="pt", do_scaling=False)
-                )
-            )
-            thread.start()
-            try:
-                assert started.wait(30), "load never started"
-                assert requests.get(url + "/health", timeout=10).status_code == 200
-                assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "loading"
-            finally:
-                release.set()
-                thread.join(60)
-            assert list(tensor_of(result["r"]).shape) == [1, 3, 64, 64]
+            with decoding_in_background(url) as pending:
+                try:
+                    assert started.wait(30), "load never started"
+                    assert requests.get(url + "/health", timeout=10).status_code == 200
+                    assert (
+                        requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "loading"
+                    )
+                finally:
+                    release.set()
+                assert list(tensor_of(pending.result(60)).shape) == [1, 3, 64, 64]
             assert requests.get(url + "/v1/models", timeout=10).json()["models"][0]["state"] == "loaded"
     finally:
         host.close()

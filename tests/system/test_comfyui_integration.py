@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from remote_vae.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from remote_vae.testing import comfy_decode, random_vae, save_comfy_single_file
 from support import stub_servers
-from support.comfyui_harness import EventListener, error_of, running_comfyui, running_vae_server, status_of
+from support.comfyui_harness import EventListener, error_of, running_vae_server, status_of
 from support.comfyui_harness import Prompt as HarnessPrompt
 
 pytestmark = pytest.mark.timeout(900)
@@ -101,12 +101,6 @@ def vae_server(base) -> str:
     models = {preset: base / "models" / "vae" / name for preset, name in FILES.items()}
     with running_vae_server(models, base / "vae_server.log") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def comfy(base):
-    with running_comfyui(base) as comfy:
-        yield comfy
 
 
 # --------------------------------------------------------------------------- prompt building

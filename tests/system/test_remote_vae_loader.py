@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from support.comfyui_harness import REPO, comfyui_dir, running_comfyui, running_vae_server, status_of
+from support.comfyui_harness import REPO, comfyui_dir, running_vae_server, status_of
 from support.comfyui_harness import Prompt as HarnessPrompt
 
 pytestmark = pytest.mark.timeout(900)
@@ -143,12 +143,6 @@ def vae_server(base) -> str:
     files = {name: base / "models" / "vae" / f"{name}.safetensors" for name in FILES}
     with running_vae_server(files, base / "vae_server.log", args=["--comfyui", str(comfyui_dir())]) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def comfy(base):
-    with running_comfyui(base) as comfy:
-        yield comfy
 
 
 class Prompt(HarnessPrompt):
