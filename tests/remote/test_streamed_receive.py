@@ -59,13 +59,6 @@ def test_near_lossless_frames_are_within_the_bound():
     assert frames.max_error(got.numpy(), video) <= frames.NEAR_LOSSLESS_MAX_ERROR
 
 
-def _corrupt_payload(body: bytes) -> bytes:
-    damaged = bytearray(body)
-    start = len(frames.MAGIC) + frames.RECORD.size
-    damaged[start + 20 : start + 60] = bytes(40)  # inside the first frame's codestream
-    return bytes(damaged)
-
-
 FULL = frame_bodies.frames_body(PIXELS)
 END = len(frames.end_record(3, frame_bodies.STATS))
 
@@ -73,7 +66,7 @@ END = len(frames.end_record(3, frame_bodies.STATS))
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        (_corrupt_payload(FULL), "does not decode to 1x48x40x3 pixels"),
+        (frame_bodies.damaged(FULL), "does not decode to 1x48x40x3 pixels"),
         (FULL[:-END], "the body ended after 3 of 3 frames, without its end record"),
         (b"GIF89a" + FULL[4:], "the body does not start with"),
         (FULL + b"x", "1 bytes follow the end record"),

@@ -52,28 +52,47 @@ def raw_answer(pixels: np.ndarray) -> Canned:
     return stub_servers.tensor_answer(torch.from_numpy(pixels))
 
 
-def model_list(codecs: list[str], dtype: str = "float32") -> Canned:
-    entry = {
-        "name": "sd15",
-        "backend": "diffusers",
-        "dtype": dtype,
-        "geometry": {"dims": "image", "latent_channels": 4, "spatial_compression": 8},
-    }
-    body = json.dumps({"models": [entry], "default": "sd15", "codecs": codecs}).encode()
+SD15 = {"dims": "image", "latent_channels": 4, "spatial_compression": 8}
+WAN21 = {"dims": "video", "latent_channels": 16, "spatial_compression": 8, "temporal_compression": 4}
+
+
+def model_list(
+    codecs: list[str], dtype: str = "float32", name: str = "sd15", geometry: dict = SD15
+) -> Canned:
+    entry = {"name": name, "backend": "diffusers", "dtype": dtype, "geometry": geometry}
+    body = json.dumps({"models": [entry], "default": name, "codecs": codecs}).encode()
     return Canned(200, [("Content-Type", "application/json")], body)
 
 
 @contextmanager
-def pixel_server(pixels: np.ndarray, codecs: list[str] = ["jxl"]) -> Iterator[Stub]:  # noqa: B006
-    """A stub sd15 server: its model list offers `codecs`; a decode answers `pixels`, compressed when the
-    request asks for a codec it offers."""
+def pixel_server(
+    pixels: np.ndarray,
+    codecs: tuple[str, ...] = ("jxl",),
+    *,
+    dtype: str = "float32",
+    corrupt: bool = False,
+    video: bool = False,
+) -> Iterator[Stub]:
+    """A stub sd15 (`video`: wan21) server: its model list offers `codecs`, its model runs in `dtype`; a
+    decode answers `pixels`, compressed when the request asks for a codec it offers (`corrupt`: damaged)."""
+    listing = model_list(list(codecs), dtype, *(("wan21", WAN21) if video else ("sd15", SD15)))
     bodies = {codec: frames_body(pixels, codec) for codec in codecs}
+    if corrupt:
+        bodies = {codec: damaged(body) for codec, body in bodies.items()}
 
     def respond(request: Recorded, index: int) -> Canned:
         if request.path.endswith("/v1/models"):
-            return model_list(codecs)
+            return listing
         codec = dict(request.query_items).get("codec")
         return frames_answer(pixels, bodies[codec], codec) if codec in bodies else raw_answer(pixels)
 
     with stub_servers.serve(respond) as stub:
         yield stub
+
+
+def damaged(body: bytes) -> bytes:
+    """`body` with zeros over part of its first frame's codestream."""
+    out = bytearray(body)
+    start = len(frames.MAGIC) + frames.RECORD.size
+    out[start + 20 : start + 60] = bytes(40)
+    return bytes(out)
