@@ -400,8 +400,9 @@ def transfer_line(event: dict) -> str:
         f"{server} at {endpoint}" if server and endpoint and server != endpoint else server or endpoint or "?"
     )
     requests = event["requests"]
+    form = f" ({event['form']})" if event.get("form") else ""
     return (
-        f"last run: sent {size(event['bytes_sent'])}, received {size(event['bytes_received'])} "
+        f"last run: sent {size(event['bytes_sent'])}, received {size(event['bytes_received'])}{form} "
         f"in {fixed(event['seconds'], 2)} s, {requests} request{'' if requests == 1 else 's'} · {where}"
     )
 
