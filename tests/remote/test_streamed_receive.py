@@ -134,3 +134,10 @@ def test_a_raw_answer_of_the_wrong_length_says_so():
     wire = protocol.build_decode_request(LATENT, output_type="pt", partial_postprocess=True)
     with stub_servers.recorder(chunked) as stub, pytest.raises(RemoteVAEError, match="body has 17277 bytes"):
         send(stub.url, wire, receiver=receiver_for(lambda _: target, None), retries=0)
+
+
+def test_a_server_that_ignores_the_codec_answers_raw_and_that_is_read_too():
+    with stub_servers.recorder(frame_bodies.raw_answer(PIXELS)) as stub:
+        got = decode(stub.url)
+    assert ("codec", "jxl") in stub.requests[0].query_items
+    assert torch.equal(got, torch.from_numpy(PIXELS))
