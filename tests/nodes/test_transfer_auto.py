@@ -150,3 +150,14 @@ def test_auto_video_on_a_slow_link_is_lossless_jxl():
         outcome = decode(stub.url, "auto", VIDEO_LATENT, "wan21")
     assert codecs_asked(stub) == ["jxl"]
     assert np.array_equal(outcome.value.numpy(), VIDEO / np.float32(255.0))
+
+
+def test_auto_through_the_real_server_gives_the_lossless_image(server):
+    """With the server's codec support jxl travels (else raw): either way the very same IMAGE."""
+    offered = catalog.describe_model(f"{server}/sd15").codecs
+    samples = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(3))
+    lossless = decode(server + "/", "lossless", samples)
+    slow_link_to(server + "/")
+    auto = decode(server + "/", "auto", samples)
+    assert torch.equal(auto.value, lossless.value)
+    assert [t.codec for t in auto.transfers] == ["jxl" if "jxl" in offered else None] * len(auto.transfers)
