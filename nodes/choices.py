@@ -5,21 +5,24 @@ Kept free of heavy imports: ComfyUI imports this at start-up, before anything ru
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 AUTO = "auto"
 
-# How pixels travel. Decode: lossless = uint8 pixels (what a saved PNG holds); exact = float32 decoder
-# output, clamped here like ComfyUI's VAEDecode; compact = one JPEG per image (smallest, lossy).
+# How pixels travel. Decode: auto = lossless pixels, raw uint8 or compressed losslessly (JPEG XL) as the
+# measured link to that server makes faster; lossless = uint8 pixels (what a saved PNG holds); near-lossless
+# = video frames compressed within 8/255 of them (H.264 RGB); exact = float32 decoder output, clamped here
+# like ComfyUI's VAEDecode; compact = one JPEG per image (smallest, lossy).
 # Encode: lossless = uint8 NHWC pixels; exact = float32 NCHW in [-1, 1] (ComfyUI's own VAE input).
-TransferMode = Literal["lossless", "exact", "compact"]
-TRANSFER_DECODE: tuple[TransferMode, ...] = get_args(TransferMode)
-TRANSFER_VIDEO: tuple[TransferMode, ...] = ("lossless", "exact")
+TransferMode = Literal["auto", "lossless", "near-lossless", "exact", "compact"]
+TRANSFER_DECODE: tuple[TransferMode, ...] = ("auto", "lossless", "exact", "compact")
+TRANSFER_VIDEO: tuple[TransferMode, ...] = ("auto", "lossless", "near-lossless", "exact")
 TRANSFER_ENCODE: tuple[TransferMode, ...] = ("lossless", "exact")
 TRANSFER_LOADER: tuple[TransferMode, ...] = (
     "exact",
     "lossless",
 )  # exact first: equal to the file loaded here
+PIXEL_TRANSFERS: tuple[TransferMode, ...] = ("auto", "lossless", "near-lossless")  # uint8 [N,H,W,3] answers
 
 DEFAULT_TIMEOUT = 300
 MIN_TIMEOUT = 5

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..remote import protocol
+from ..remote.frames import Codec
 from ..remote.presets import Preset
+from ..remote.receiving import ReceiverFactory, Target, receiver_for
 from ..remote.reply import FLOAT, Reply
-from .choices import TransferMode
+from .choices import PIXEL_TRANSFERS, TransferMode
 
 SEND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A reply that parses but does not fit the preset most likely comes from another model.
@@ -28,7 +31,23 @@ LITTLE_ENDIAN = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2")}
 # --------------------------------------------------------------------------- decode
 
 
-def extensions(*, float32: bool = False, tile_size: int | None = None) -> protocol.Extensions:
+@dataclass(frozen=True)
+class DecodeForm:
+    """How one run's decode answers travel: the transfer asked for and what the run resolved for it."""
+
+    transfer: TransferMode
+    codec: Codec | None = None  # uint8 frames compressed by this codec (auto, near-lossless)
+    upload: protocol.FloatDtype | None = None  # the latent sent in the dtype the server's model runs in
+
+    @property
+    def pixels(self) -> bool:
+        """Whether the answer is uint8 [N,H,W,3] pixels, taken as they arrive."""
+        return self.transfer in PIXEL_TRANSFERS
+
+
+def extensions(
+    *, float32: bool = False, tile_size: int | None = None, codec: Codec | None = None
+) -> protocol.Extensions:
     """Our request extensions on every node request: `reference=comfyui` (where ComfyUI's VAE code differs
     from diffusers', HunyuanVideo's mid-block attention, the server decodes and encodes like ComfyUI),
     float32 answers for `exact`, and tiles of `tile_size` latent pixels made by the server (VAE Decode
@@ -38,19 +57,28 @@ def extensions(*, float32: bool = False, tile_size: int | None = None) -> protoc
         tile="on" if tile_size else "auto",
         tile_size=tile_size,
         reference="comfyui",
+        codec=codec,
     )
 
 
 def decode_request(
-    latent: torch.Tensor, transfer: TransferMode, tile_size: int | None = None
+    latent: torch.Tensor, transfer: TransferMode | DecodeForm, tile_size: int | None = None
 ) -> protocol.WireRequest:
     """The request for one chunk of raw latents: scaling off, output form chosen by `transfer`."""
-    if latent.dtype not in SEND_DTYPES:
+    form = transfer if isinstance(transfer, DecodeForm) else DecodeForm(transfer)
+    transfer = form.transfer
+    if form.upload is not None:
+        latent = latent.to(protocol.DTYPES[form.upload])
+    elif latent.dtype not in SEND_DTYPES:
         latent = latent.float()
     plain = extensions(tile_size=tile_size)
-    if transfer == "lossless":
+    if form.pixels:
         return protocol.build_decode_request(
-            latent, output_type="pt", partial_postprocess=True, do_scaling=False, extensions=plain
+            latent,
+            output_type="pt",
+            partial_postprocess=True,
+            do_scaling=False,
+            extensions=extensions(tile_size=tile_size, codec=form.codec),
         )
     if transfer == "exact":
         return protocol.build_decode_request(
@@ -63,7 +91,7 @@ def decode_request(
         return protocol.build_decode_request(
             latent, output_type="pil", image_format="jpg", do_scaling=False, extensions=plain
         )
-    raise ValueError(f"transfer {transfer!r} is not one of lossless, exact, compact")
+    raise ValueError(f"transfer {transfer!r} is not one of auto, lossless, near-lossless, exact, compact")
 
 
 def decoded_size(preset: Preset, latent_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -91,7 +119,9 @@ def image_from_reply(
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0).unsqueeze(0)
     # Both forms are read in place from the body into one preallocated IMAGE, with the arithmetic of
     # `uint8 / 255` and `clamp((y + 1) / 2)` in float32 (the same IEEE operations, so the same values).
-    if transfer == "lossless":
+    if reply.receiver is not None:  # pixels converted as they arrived (`pixel_receiver`)
+        return torch.from_numpy(reply.receiver.target.array)
+    if transfer in PIXEL_TRANSFERS:
         want = [batch * frames, height, width, 3]
         meaning = f"{decodes_to} {want} uint8 with preset {preset.name}"
         reply.declared_tensor(want, dtype=torch.uint8, meaning=meaning, hint=SAME_MODEL)
@@ -111,6 +141,16 @@ def image_from_reply(
     for channel in range(3):  # each channel read in order, written to its NHWC slots
         np.add(decoded[:, channel], np.float32(1.0), out=image.numpy()[..., channel], dtype=np.float32)
     return image.div_(2.0).clamp_(0.0, 1.0).view(-1, height, width, 3)
+
+
+def pixel_receiver(preset: Preset, latent_shape: Sequence[int]) -> ReceiverFactory:
+    """Receivers converting a uint8 answer (raw or compressed) into one preallocated IMAGE as it arrives,
+    with the arithmetic of `uint8 / 255` (so the same values as `image_from_reply` gives)."""
+    frames, height, width = decoded_size(preset, latent_shape)
+    want = [latent_shape[0] * frames, height, width, 3]
+    target = Target(np.empty(want, dtype=np.float32))
+    meaning = f"a latent of shape {list(latent_shape)} decodes to {want} uint8 with preset {preset.name}"
+    return receiver_for(lambda _: target, want, meaning=meaning, hint=SAME_MODEL)
 
 
 # --------------------------------------------------------------------------- encode

@@ -13,13 +13,15 @@ from functools import partial
 
 import torch
 
-from ..remote import protocol
-from ..remote.catalog import describe_model
+from ..remote import link, protocol
+from ..remote.catalog import describe_model, known_model
 from ..remote.errors import RemoteVAECancelled, RemoteVAEError
+from ..remote.frames import LOSSLESS_CODECS, Codec
 from ..remote.presets import PRESETS, Preset
+from ..remote.receiving import ReceiverFactory, decode_threads
 from ..remote.reply import Reply, Transfer
 from ..remote.sending import send, split_endpoints
-from ..remote.tokens import TokenError, TokenStore
+from ..remote.tokens import TokenError, TokenStore, origin_of
 from . import comfy_runtime
 from .choices import (
     AUTO,
@@ -32,6 +34,7 @@ from .choices import (
 )
 from .chunking import MAX_PARALLEL, PIXEL_BUDGET, plan_chunks, run_in_order
 from .convert import (
+    DecodeForm,
     audio_from_reply,
     audio_latent_from_reply,
     audio_request,
@@ -41,6 +44,7 @@ from .convert import (
     encode_request,
     image_from_reply,
     latent_from_reply,
+    pixel_receiver,
 )
 from .fallback import local_decode, local_encode
 from .resolve import (
@@ -71,6 +75,7 @@ class NodeRequest:
     # wins over the preset table, which has no row for the server's comfy-backend models.
     model: Preset | None = None
     tile_size: int | None = None  # the server decodes/encodes in tiles of this many latent pixels a side
+    upload: protocol.FloatDtype | None = None  # the server's model dtype, when described: latents go in it
 
     @property
     def has_endpoint(self) -> bool:
@@ -103,7 +108,7 @@ def with_server_model(request: NodeRequest, operation: protocol.Operation) -> No
             raise
         comfy_runtime.log.debug("%s: the preset is guessed from the shape", exc)
         return request
-    return replace(request, model=model.preset())
+    return replace(request, model=model.preset(), upload=model.dtype)
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,9 @@ class Connection:
             raise NodeInputError(f"the server token configuration cannot be used: {exc}") from None
         return cls(url, request.timeout, tokens, run.interrupted)
 
-    def send(self, wire: protocol.WireRequest, stop: threading.Event) -> Reply:
+    def send(
+        self, wire: protocol.WireRequest, stop: threading.Event, receiver: ReceiverFactory | None = None
+    ) -> Reply:
         return send(
             self.url,
             wire,
@@ -157,6 +164,7 @@ class Connection:
             timeout=(min(CONNECT_TIMEOUT, float(self.timeout)), float(self.timeout)),
             tokens=self.tokens,
             cancel=lambda: stop.is_set() or self.interrupted(),
+            receiver=receiver,
         )
 
 
@@ -164,12 +172,16 @@ Job = Callable[[threading.Event], "tuple[torch.Tensor, Transfer]"]
 
 
 def _job(
-    conn: Connection, build: Callable[[], protocol.WireRequest], read: Callable[[Reply], torch.Tensor]
+    conn: Connection,
+    build: Callable[[], protocol.WireRequest],
+    read: Callable[[Reply], torch.Tensor],
+    receive: Callable[[], ReceiverFactory] | None = None,
 ) -> Job:
-    """One request: its body is built on the worker thread, and `read` checks and converts the reply."""
+    """One request: its body is built on the worker thread, `receive` (when given) takes the answer as it
+    arrives, and `read` checks and converts the reply."""
 
     def job(stop: threading.Event) -> tuple[torch.Tensor, Transfer]:
-        reply = conn.send(build(), stop)
+        reply = conn.send(build(), stop, receive() if receive else None)
         return read(reply), reply.transfer
 
     return job
@@ -212,19 +224,89 @@ def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions =
             "transfer 'compact' (JPEG) needs image latents [B,C,H,W]; pick lossless or exact for 5-D latents"
         )
     conn = Connection.for_request(request, chosen, "decode", run)
-    _, height, width = decoded_size(chosen, shape)
+    frames, height, width = decoded_size(chosen, shape)
     one_per_request = len(shape) == 5 or transfer == "compact"
     chunks = plan_chunks(shape[0], height * width, run.pixel_budget, max_items=1 if one_per_request else None)
     parts = [samples[chunk] for chunk in chunks]
+    largest = link.Job(frames * max(c.stop - c.start for c in chunks), height, width)
+    form = decode_form(request, conn, largest)
     jobs = [
         _job(
             conn,
-            partial(decode_request, part, transfer, request.tile_size),
-            partial(image_from_reply, transfer=transfer, preset=chosen, latent_shape=list(part.shape)),
+            partial(decode_request, part, form, request.tile_size),
+            partial(_read_image, form=form, preset=chosen, latent_shape=list(part.shape)),
+            partial(pixel_receiver, chosen, list(part.shape)) if form.pixels else None,
         )
         for part in parts
     ]
     return _run(jobs, run)
+
+
+def decode_form(request: NodeRequest, conn: Connection, job: link.Job) -> DecodeForm:
+    """What `auto` and `near-lossless` resolve to for this run: raw uint8 where the link rule (remote/link.py)
+    says compressing is a loss or the servers do not offer the codec (Hugging Face endpoints never get
+    one), else the codec; and the server model's dtype for the upload when known."""
+    transfer = request.transfer
+    endpoints = split_endpoints(conn.url)
+    plain = DecodeForm(transfer, upload=request.upload)
+    if transfer not in ("auto", "near-lossless") or any(map(is_hugging_face, endpoints)):
+        if transfer == "near-lossless":
+            raise NodeInputError(_no_codec(conn.url, "h264rgb"))
+        return plain
+    if transfer == "auto" and not link.LINKS.compress(_origin(endpoints[0]), job, decode_threads()):
+        return plain  # decided without asking the server anything
+    codec: Codec = "jxl" if transfer == "auto" else "h264rgb"
+    timeout = min(CONNECT_TIMEOUT, float(conn.timeout))
+    models = [known_model(e, tokens=conn.tokens, timeout=timeout) for e in endpoints]
+    upload = request.upload or next((m.dtype for m in models if m is not None), None)
+    if all(m is not None and codec in m.codecs for m in models):
+        return DecodeForm(transfer, codec, upload)
+    if transfer == "near-lossless":
+        for endpoint, model in zip(endpoints, models):
+            if model is None:  # the look-up failed: say why (a server that is down: the fallback runs)
+                describe_model(endpoint, tokens=conn.tokens, timeout=timeout)
+        raise NodeInputError(_no_codec(conn.url, codec))
+    return DecodeForm(transfer, upload=upload)
+
+
+def _no_codec(url: str, codec: Codec) -> str:
+    return (
+        f"transfer 'near-lossless' needs a remote-vae server that offers the {codec} codec; {url} does not "
+        "(it needs PyAV with libx264rgb there): pick auto or lossless"
+    )
+
+
+def _origin(endpoint: str) -> str:
+    try:
+        return origin_of(endpoint)
+    except TokenError:
+        return endpoint
+
+
+def _read_image(reply: Reply, form: DecodeForm, preset: Preset, latent_shape: list[int]) -> torch.Tensor:
+    """The IMAGE of one reply; a pixel answer's measurements go to the link rule and its Transfer."""
+    image = image_from_reply(reply, form.transfer, preset, latent_shape)
+    if reply.receiver is None:
+        return image
+    received, transfer = reply.receiver.received, reply.transfer
+    frames, height, width = image.shape[0], image.shape[1], image.shape[2]
+    job = link.Job(frames, height, width)
+    lossless = received.codec in LOSSLESS_CODECS
+    stats = received.server_stats or {}
+    threads = stats.get("encode_threads")
+    sample = link.Sample(
+        raw_bytes=job.raw_bytes,
+        wire_bytes=transfer.bytes_received,
+        receive_seconds=transfer.receive_seconds or 0.0,
+        megapixels=job.megapixels,
+        compressed=lossless,
+        encode_seconds=stats.get("encode_seconds") if lossless else None,
+        encode_threads=int(threads) if lossless and threads else None,
+        decode_seconds=received.decode_seconds if lossless else None,
+    )
+    link.LINKS.record(_origin(transfer.endpoint), sample)
+    transfer.pixel_bytes, transfer.codec = job.raw_bytes, received.codec
+    return image
 
 
 # --------------------------------------------------------------------------- encode

@@ -79,7 +79,7 @@ class RemoteVAE:
     def __init__(self, request: NodeRequest, model: ServerModel) -> None:
         _check_transfer(request.transfer)
         self.model = model
-        self.request = replace(request, preset=AUTO, model=model.preset())
+        self.request = replace(request, preset=AUTO, model=model.preset(), upload=model.dtype)
         audio, video = model.dims == "audio", model.dims == "video"
         s, t = model.spatial_compression, model.temporal_compression
         self.latent_channels = model.latent_channels

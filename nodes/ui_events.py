@@ -33,7 +33,17 @@ def transfer_summary(node_id: str | None, transfers: Sequence, seconds: float | 
         "server": ", ".join(servers) or None,
         "endpoint": ", ".join(endpoints) or None,
         "requests": len(transfers),
-    }
+    } | _form(transfers)
+
+
+def _form(transfers: Sequence) -> dict:
+    """{"form": "jxl 0.29x raw"} / {"form": "raw uint8"} for pixel answers (the status line names it)."""
+    forms = []
+    for codec in sorted({t.codec or "" for t in transfers if getattr(t, "pixel_bytes", None)}):
+        same = [t for t in transfers if t.pixel_bytes and (t.codec or "") == codec]
+        ratio = sum(t.bytes_received for t in same) / sum(t.pixel_bytes for t in same)
+        forms.append(f"{codec} {ratio:.2f}x raw" if codec else "raw uint8")
+    return {"form": " + ".join(forms)} if forms else {}
 
 
 def report_transfer(node_id: str | None, transfers: Sequence, seconds: float | None = None) -> bool:

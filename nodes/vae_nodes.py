@@ -55,8 +55,14 @@ def _optional_inputs() -> dict:
 
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 DECODE_TRANSFER_TIP = (
-    "lossless: 8-bit pixels (what a saved PNG holds); exact: the float32 decoder output, no 8-bit rounding; "
-    "compact: JPEG, smallest, lossy."
+    "auto: the same 8-bit pixels as lossless, compressed losslessly (JPEG XL) when the measured link to that "
+    "server makes it faster; lossless: 8-bit pixels (what a saved PNG holds), raw; exact: the float32 decoder "
+    "output, no 8-bit rounding; compact: JPEG, smallest, lossy."
+)
+VIDEO_TRANSFER_TIP = (
+    "auto: the same 8-bit frames as lossless, compressed losslessly (JPEG XL) when the measured link to that "
+    "server makes it faster; lossless: 8-bit frames, raw; near-lossless: H.264 RGB, each value within 8/255, "
+    "far fewer bytes (a server that offers it); exact: the float32 decoder output."
 )
 ENCODE_TRANSFER_TIP = "lossless: 8-bit pixels; exact: float32 pixels (for images that are not 8-bit)."
 
@@ -107,7 +113,8 @@ DECODE = NodeSpec(
 )  # fmt: skip
 VIDEO_DECODE = replace(
     DECODE, description="Decodes video latents on a remote VAE server; returns every video's frames in order.",
-    output=("IMAGE", "The frames of every video in the batch, in order."), transfers=TRANSFER_VIDEO, video_only=True,
+    output=("IMAGE", "The frames of every video in the batch, in order."), transfers=TRANSFER_VIDEO,
+    transfer_tip=VIDEO_TRANSFER_TIP, video_only=True,
 )  # fmt: skip
 ENCODE = NodeSpec(
     "Encodes images on a remote VAE server (self-hosted or Hugging Face) instead of this GPU.",

@@ -10,14 +10,18 @@ Hugging Face endpoints have no model list.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, replace
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from .errors import RemoteVAEError, display_url, server_message, server_root, status_hint
+from .frames import CODECS, Codec
 from .presets import Preset
+from .protocol import FLOAT_DTYPES, FloatDtype
 from .sending import split_endpoints
 from .tokens import TokenStore
 from .transport import authorization, connection_error, thread_session
@@ -28,6 +32,8 @@ MAX_LIST_BYTES = 1 << 20  # a model list larger than 1 MiB is not a model list
 MODELS_PATH = "v1/models"
 DIMS_OF_PRESET: dict[int, Dims] = {1: "audio", 2: "image", 3: "video"}
 NEEDS_OUR_SERVER = "the model list comes from a remote-vae server (remote-vae-server); check the URL"
+KNOWN_FOR = 300.0  # seconds a looked-up description is reused (a server that was not asked again)
+UNKNOWN_FOR = 30.0  # seconds a failed look-up is remembered
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class ServerModel:
     output_channels: int = 3  # colour channels, or audio channels
     sample_rate: int | None = None  # of audio models
     still_image: bool = False  # video-shaped latents of one frame, each one image
+    dtype: FloatDtype | None = None  # what the model runs in: latents sent in it change nothing
+    codecs: tuple[Codec, ...] = ()  # what its server can compress frames with (frames.CODECS)
 
     def preset(self) -> Preset:
         """The geometry as a preset row (no scaling factors: the nodes send raw latents)."""
@@ -92,6 +100,32 @@ def describe_model(endpoint: str, *, tokens: TokenStore | None = None, timeout: 
     )  # fmt: skip
 
 
+_known: dict[str, tuple[float, ServerModel | None]] = {}
+_known_lock = threading.Lock()
+
+
+def known_model(endpoint: str, *, tokens: TokenStore | None = None, timeout: float = 10.0) -> ServerModel | None:
+    """`describe_model`, reused for KNOWN_FOR seconds per endpoint; None where it fails (a Hugging Face
+    endpoint or another server has no model list; one that cannot be reached says so when used)."""
+    now = time.monotonic()
+    with _known_lock:
+        cached = _known.get(endpoint)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    try:
+        model: ServerModel | None = describe_model(endpoint, tokens=tokens, timeout=timeout)
+    except RemoteVAEError:
+        model = None
+    with _known_lock:
+        _known[endpoint] = (now + (KNOWN_FOR if model else UNKNOWN_FOR), model)
+    return model
+
+
+def forget_known_models() -> None:
+    with _known_lock:
+        _known.clear()
+
+
 def _describe_one(url: str, tokens: TokenStore, timeout: float) -> ServerModel:
     base, name = split_model_url(url)
     listing = _get_model_list(f"{base}/{MODELS_PATH}", tokens, timeout)
@@ -104,9 +138,11 @@ def _describe_one(url: str, tokens: TokenStore, timeout: float) -> ServerModel:
             hint=NEEDS_OUR_SERVER,
         )
     wanted = name if name is not None else listing.get("default")
+    codecs = listing.get("codecs")
+    offered = tuple(c for c in CODECS if isinstance(codecs, list) and c in codecs)
     for entry in models:
         if isinstance(entry, dict) and entry.get("name") == wanted:
-            return _server_model(entry, base)
+            return replace(_server_model(entry, base), codecs=offered)
     hosted = ", ".join(f"/{m.get('name')}" for m in models if isinstance(m, dict)) or "none"
     what = f"model {wanted!r} is not hosted there" if wanted else "no default model is hosted there"
     raise RemoteVAEError(
@@ -182,6 +218,7 @@ def _server_model(entry: dict, base: str) -> ServerModel:
             output_channels=_positive(geometry.get("output_channels") or 3),
             sample_rate=None if geometry.get("sample_rate") is None else _positive(geometry["sample_rate"]),
             still_image=bool(geometry.get("still_image", False)),
+            dtype=entry.get("dtype") if entry.get("dtype") in FLOAT_DTYPES else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RemoteVAEError(

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import protocol
 from .errors import RemoteVAECancelled, RemoteVAEError, RemoteVAETimeout
+from .receiving import Target, receiver_for, uint8_frames
 from .reply import Reply, Transfer
 from .sending import send
 from .transport import TransportOptions
@@ -143,6 +144,9 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
     and the `TransportOptions`: `timeout` (connect, read) seconds, `retries`/`backoff`, bearer
     `token` (else the one bound to the endpoint in `tokens`), `cold_start_timeout` (sent as
     X-Scale-Up-Timeout), `progress`, `cancel`, `session`. Every failure raises RemoteVAEError.
+    With `extensions=Extensions(codec=...)` (output_type="pt", partial_postprocess=True, to a server whose
+    /v1/models lists the codec) the frames arrive compressed and are decoded as they arrive: the result
+    is the same uint8 tensor or PIL images; a corrupt or truncated answer is a RemoteVAEError.
     `total_timeout` bounds the whole call, retries included (default: connect + read timeout), and
     `max_reply_bytes` the answer (default: the most the request can decode to, remote/bounds.py).
     """
@@ -162,7 +166,16 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
         processor_flag=processor is not None,
         extensions=extensions,
     )
+    if extensions is not None and extensions.codec and output_type == "pt" and partial_postprocess:
+        want = [None] * 4 if expected_shape is None else expected_shape
+        options["receiver"] = receiver_for(lambda shape: Target(np.empty(shape, dtype=np.uint8)), want)
     reply = send(endpoint, wire, **options)
+    if reply.receiver is not None:
+        frames = uint8_frames(reply)
+        if return_type == "pt":
+            return frames
+        images = [Image.fromarray(frame) for frame in frames.numpy()]
+        return images[0] if len(images) == 1 else images
     if output_type == "mp4":
         return reply.mp4()
     if output_type == "pil" and processor is None:

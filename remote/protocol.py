@@ -15,6 +15,8 @@ from typing import Literal, get_args
 
 import torch
 
+from .frames import CODECS, Codec
+
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -205,6 +207,7 @@ class Extensions:
     tile: TileMode = "auto"  # tiled decode/encode: auto (as memory needs), on, off
     tile_size: int | None = None  # latent pixels per tile side
     reference: Reference = "diffusers"
+    codec: Codec | None = None  # compressed frames for a uint8 decode answer (docs/protocol.md, "Extensions")
 
     def params(self) -> list[tuple[str, str]]:
         defaults = Extensions()
@@ -237,6 +240,7 @@ class Extensions:
             tile=_choice(_one(query, "tile"), "tile", TILE_MODES, "auto", fold=True),
             tile_size=tile_size,
             reference=_choice(_one(query, "reference"), "reference", REFERENCES, "diffusers", fold=True),
+            codec=_choice(_one(query, "codec"), "codec", CODECS, None),
         )
 
 

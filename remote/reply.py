@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from PIL import Image
@@ -56,17 +56,29 @@ class Transfer:
     attempts: int
     server: str | None = None
     request_id: str | None = None
+    receive_seconds: float | None = None  # from the first to the last body byte of the answer taken
+    pixel_bytes: int | None = None  # a uint8 pixel answer: what its pixels take raw (set by the reader)
+    codec: str | None = None  # ... and the codec that compressed them (None: raw)
 
 
 @dataclass
 class Reply:
     """A 2xx answer: its body, its headers (case-insensitive), how the exchange went, and the most
-    the request it answers can decode to (`limits`, checked against an image's declared size)."""
+    the request it answers can decode to (`limits`, checked against an image's declared size).
+
+    When the caller took the body as it arrived (a `receiver`, see remote/receiving.py), `body` is
+    empty, `receiver` holds what it made of it and `length` is the body's length for the checks."""
 
     body: bytes
     headers: Mapping[str, str]
     transfer: Transfer
     limits: ReplyLimits = ReplyLimits()
+    receiver: Any = None
+    length: int | None = None
+
+    @property
+    def body_length(self) -> int:
+        return len(self.body) if self.length is None else self.length
 
     def unexpected(self, problem: str, hint: str = PROTOCOL_HINT) -> RemoteVAEError:
         """The error for a reply that does not hold what was asked: `problem` follows "answered 200 "."""
@@ -96,7 +108,7 @@ class Reply:
         """What `tensor` checks, without reading the body: the meta tensor its headers declare. The body
         then holds exactly its bytes, little-endian and C-ordered, for a caller that reads them in place."""
         try:
-            tensor = protocol.declared_response_tensor(len(self.body), self.headers)
+            tensor = protocol.declared_response_tensor(self.body_length, self.headers)
         except MALFORMED_TENSOR as exc:
             raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
         shape, name = list(tensor.shape), protocol.dtype_name(tensor.dtype)

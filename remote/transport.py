@@ -85,6 +85,9 @@ class TransportOptions(TypedDict, total=False):
     called from the calling thread. `session`: a requests.Session (default: one per thread).
     `max_reply_bytes`: refuse a longer reply body (default: the most the request can decode to, see
     remote/bounds.py).
+    `receiver(head)`: called with a 2xx answer's head (a Reply without its body) in the worker thread; what
+    it returns is fed each body chunk and finished after the last one, and the Reply then carries it
+    instead of the body (remote/receiving.py). Each attempt gets a new one.
     """
 
     timeout: float | tuple[float, float]
@@ -98,6 +101,7 @@ class TransportOptions(TypedDict, total=False):
     cancel: Cancel | None
     session: requests.Session | None
     max_reply_bytes: int | None
+    receiver: Callable[[Reply], Any] | None
 
 
 def check_options(options: Mapping[str, Any]) -> None:
@@ -220,6 +224,9 @@ class _Answer:
     bytes_sent: int
     bytes_received: int
     limits: ReplyLimits  # what the request can decode to: the Reply checks images against it
+    receive_seconds: float | None = None  # first to last body byte
+    receiver: Any = None  # what took the body, when the caller gave a `receiver`
+    length: int = 0  # of the (decoded) body, kept or not
 
 
 class _Inflater:
@@ -249,6 +256,7 @@ class _Exchange:
     body: bytes
     timeout: tuple[float, float]
     limits: ReplyLimits
+    receiver: Callable[[Reply], Any] | None = None
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     abort: threading.Event = field(default_factory=threading.Event)
 
@@ -293,14 +301,18 @@ class _Exchange:
         if ok and encoding == "identity" and expected is not None and expected > limit:
             raise self._too_large(status, f"Content-Length {expected}", limit)
         inflater = _Inflater(encoding) if known else None  # None: an error page in an unknown encoding
+        receiver = self._receiver_for(response, status, total) if ok and self.receiver else None
         chunks: list[bytes] = []
         got = wire = 0
+        first = last = None
         self.events.put(("progress", (total, total, 0, expected)))
         try:
             for chunk in _raw_chunks(response.raw):
                 if self.abort.is_set():
                     raise _Aborted()
                 wire += len(chunk)
+                last = time.monotonic()
+                first = first or last
                 self.events.put(("progress", (total, total, wire, expected)))
                 if inflater is None:
                     break
@@ -312,18 +324,23 @@ class _Exchange:
                     raise self._refused(
                         status, f"with a {encoding} body that does not decompress: {exc}"
                     ) from None
-                chunks.append(decoded)
                 got += len(decoded)
                 if got > limit:
                     if ok:
                         raise self._too_large(status, f"more than {limit} bytes", limit)
                     break
+                if receiver is None:
+                    chunks.append(decoded)
+                elif decoded:
+                    receiver.feed(decoded)
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise requests.ReadTimeout(str(exc)) from None
         except urllib3.exceptions.HTTPError as exc:
             raise requests.ConnectionError(f"the answer was cut off: {exc}") from None
         if ok and inflater is not None and not inflater.complete:
             raise requests.ConnectionError(f"the answer was cut off: its {encoding} stream ended early")
+        if receiver is not None:
+            receiver.finish()
         return _Answer(
             status=status,
             reason=response.reason or "",
@@ -332,7 +349,14 @@ class _Exchange:
             bytes_sent=total,
             bytes_received=wire,
             limits=self.limits,
+            receive_seconds=None if first is None else last - first,
+            receiver=receiver,
+            length=got,
         )
+
+    def _receiver_for(self, response: requests.Response, status: int, total: int) -> Any:
+        transfer = Transfer(self.where, status, total, 0, 0.0, 1)
+        return self.receiver(Reply(b"", CaseInsensitiveDict(response.headers), transfer, self.limits))
 
     def _refused(self, status: int, problem: str) -> RemoteVAEError:
         hint = "the server or a proxy in front of it compresses answers in a way this client refuses: turn that off"
@@ -504,7 +528,9 @@ def send_one(
             raise deadline.passed(where)
         # Every socket wait ends soon after the deadline, so an abandoned attempt does not linger.
         timeouts = (min(connect_timeout, left + 1.0), min(read_timeout, left + 1.0))
-        exchange = _Exchange(session, where, endpoint, wire.params, headers, wire.body, timeouts, limits)
+        exchange = _Exchange(
+            session, where, endpoint, wire.params, headers, wire.body, timeouts, limits, options.get("receiver")
+        )
         asked = None
         try:
             answer = _wait(exchange, progress, cancel, deadline)
@@ -633,5 +659,8 @@ def _reply(where: str, answer: _Answer, attempts: int, started: float) -> Reply:
         attempts=attempts,
         server=answer.headers.get("server"),
         request_id=answer.headers.get("x-request-id"),
+        receive_seconds=answer.receive_seconds,
     )
+    if answer.receiver is not None:
+        return Reply(b"", answer.headers, transfer, answer.limits, answer.receiver, answer.length)
     return Reply(answer.body, answer.headers, transfer, answer.limits)

@@ -140,8 +140,9 @@ function describeTransfer(event) {
   const where = event.server && event.endpoint && event.server !== event.endpoint
     ? `${event.server} at ${event.endpoint}`
     : event.server || event.endpoint || "?";
+  const form = event.form ? ` (${event.form})` : ""; // how the pixels came: "raw uint8", "jxl 0.29x raw"
   return (
-    `last run: sent ${formatBytes(event.bytes_sent)}, received ${formatBytes(event.bytes_received)} ` +
+    `last run: sent ${formatBytes(event.bytes_sent)}, received ${formatBytes(event.bytes_received)}${form} ` +
     `in ${Number(event.seconds || 0).toFixed(2)} s, ${requests} request${requests === 1 ? "" : "s"} · ${where}`
   );
 }

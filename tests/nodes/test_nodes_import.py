@@ -94,13 +94,13 @@ def test_decode_inputs(node_type):
     assert spec["optional"]["vae"][0] == "VAE"
     presets, preset_options = spec["required"]["preset"]
     transfers, transfer_options = spec["required"]["transfer"]
-    assert preset_options["default"] == "auto" and transfer_options["default"] == "lossless"
+    assert preset_options["default"] == "auto" and transfer_options["default"] == "auto"
     if node_type == "RemoteVAEDecode":
         assert presets == ["auto", *PRESETS]
-        assert transfers == ["lossless", "exact", "compact"]
+        assert transfers == ["auto", "lossless", "exact", "compact"]
     else:
         assert presets == ["auto", "hunyuan_video", "wan21", "wan22"]
-        assert transfers == ["lossless", "exact"]
+        assert transfers == ["auto", "lossless", "near-lossless", "exact"]
 
 
 def test_encode_inputs():

@@ -158,7 +158,9 @@ def test_decode_input_errors_before_any_request(server):
         RemoteVideoDecode().decode(
             {"samples": latent(1, 16, 4, 4)}, "auto", f"{server}/flux", "lossless", 300
         )
-    with pytest.raises(NodeInputError, match="transfer 'compact' is not one of lossless, exact"):
+    with pytest.raises(
+        NodeInputError, match="transfer 'compact' is not one of auto, lossless, near-lossless, exact"
+    ):
         RemoteVideoDecode().decode(
             {"samples": latent(1, 16, 2, 4, 4)}, "auto", f"{server}/wan21", "compact", 300
         )

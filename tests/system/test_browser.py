@@ -400,8 +400,9 @@ def transfer_line(event: dict) -> str:
         f"{server} at {endpoint}" if server and endpoint and server != endpoint else server or endpoint or "?"
     )
     requests = event["requests"]
+    form = f" ({event['form']})" if event.get("form") else ""
     return (
-        f"last run: sent {size(event['bytes_sent'])}, received {size(event['bytes_received'])} "
+        f"last run: sent {size(event['bytes_sent'])}, received {size(event['bytes_received'])}{form} "
         f"in {fixed(event['seconds'], 2)} s, {requests} request{'' if requests == 1 else 's'} · {where}"
     )
 
@@ -456,7 +457,7 @@ def test_nodes_render_their_widgets_and_preset_facts(page):
           return [node.widgets_values, (await app.graphToPrompt()).output[{decode}].inputs];
         }})()"""
     )
-    assert saved == ["sd15", "", "lossless", 300]
+    assert saved == ["sd15", "", "auto", 300]
     assert set(prompt) == INPUT_WIDGETS
 
     # Opening a saved workflow sets widget values without callbacks; the preset line still follows.
@@ -636,7 +637,7 @@ def test_an_old_workflow_with_a_token_variable_loads_and_warns_once(page):
         )
         assert page.wait_for(count) == 1
     values = page.evaluate(f"{APP}.graph.getNodeById({decode}).widgets.map((w) => w.value)")
-    assert values[:4] == ["auto", "", "lossless", 300]
+    assert values[:4] == ["auto", "", "auto", 300]
 
 
 def test_a_pack_that_takes_our_node_id_is_named_once(page):
