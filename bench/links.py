@@ -167,20 +167,24 @@ def run_once(url: str, case: Case, variant: Variant, runs: Runs, check: bool) ->
 
 
 @contextlib.contextmanager
-def serving(link: Link, threads: int, use_proxy: bool) -> Iterator[tuple[str, str]]:
+def serving(link: Link, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """A server reached over `link`: yields (its base URL as the client uses it, how the link is made)."""
+    threads, dtype = args.threads, args.dtype
     if link.rate_mbit is None:
-        with Server(SPECS, threads=threads) as server:
+        with Server(SPECS, threads=threads, dtype=dtype) as server:
             yield server.url, "loopback (127.0.0.1), no emulation"
         return
-    problem = "--proxy given" if use_proxy else netem_problem()
+    problem = "--proxy given" if args.proxy else netem_problem()
     if problem is None:
         netem = NetemLink(link.rate_mbit, link.rtt_ms)
-        with netem, Server(SPECS, threads=threads, host=netem.server_ip, prefix=netem.prefix) as server:
+        with (
+            netem,
+            Server(SPECS, threads=threads, dtype=dtype, host=netem.server_ip, prefix=netem.prefix) as server,
+        ):
             yield server.url, netem.kind
         return
     with (
-        Server(SPECS, threads=threads) as server,
+        Server(SPECS, threads=threads, dtype=dtype) as server,
         ProxyLink(("127.0.0.1", server.port), link.rate_mbit, link.rtt_ms) as proxy,
     ):
         yield f"http://{proxy.address}", f"{proxy.kind}; netem: {problem.rstrip('.')}"
@@ -189,7 +193,7 @@ def serving(link: Link, threads: int, use_proxy: bool) -> Iterator[tuple[str, st
 def measure_link(link: Link, chosen: list[Case], args: argparse.Namespace, notes: dict[str, None]) -> dict:
     """{(case, variant label): Runs} for every variant that can run; what was skipped goes to `notes`."""
     results: dict[tuple[str, str], Runs] = {}
-    with serving(link, args.threads, args.proxy) as (url, kind):
+    with serving(link, args) as (url, kind):
         notes[f"{link.name}: {kind}."] = None
         offered = requests.get(f"{url}/v1/models", timeout=60).json().get("codecs", [])
         plan = []
@@ -230,6 +234,13 @@ def main() -> None:
         "--repeats", type=int, default=5, help="timed runs of each variant (median; default 5)"
     )
     parser.add_argument("--threads", type=int, default=default_threads(), help="the server's torch threads")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the server's model dtype (default float32; the client uploads latents in it only where it asked "
+        "/v1/models, i.e. for the codec variants, so float32 keeps every variant's upload alike)",
+    )
     parser.add_argument("--proxy", action="store_true", help="use the TCP proxy even where netem works")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2 images of 256x256, 17 frames of 128x208, 1 run"
@@ -283,7 +294,7 @@ def main() -> None:
     )
     table += ["", *verdicts(results, chosen, args.links)]
     text = (
-        f"Server: bench.serve with photo-standin (sd15) and wan-standin (wan21), float32 on CPU, {args.threads} "
+        f"Server: bench.serve with photo-standin (sd15) and wan-standin (wan21), {args.dtype} on CPU, {args.threads} "
         f"torch threads. Client: nodes.operations.decode_latent, default chunking and parallelism. Median of "
         f"{args.repeats} runs per variant after one warm-up each, variants interleaved (rotated order); max error "
         "and PSNR against bench/content.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
