@@ -4,7 +4,8 @@ Links: loopback, 1 Gbit/s with 1 ms RTT and 100 Mbit/s with 20 ms RTT (bench/lin
 the kernel has it, else its rate-limiting, delaying TCP proxy). The server (bench/serve.py) hosts the
 natural stand-ins of bench/models.py, whose output the server renders to bench/content.py's pixels, so
 real photographs travel; every answer is compared with them. Through the node's own path
-(`nodes.operations.decode_latent`, as RemoteVAEDecode and Remote Video Decode run it):
+(`nodes.operations.decode_latent`, as RemoteVAEDecode and Remote Video Decode run it with their default
+preset `auto`: the server describes its model, and latents go up in its dtype, bfloat16 by default here):
 
 - 4 x 1024x1024 images (sd15 shapes): `lossless` (raw uint8), `auto` (the link rule decides), and jxl
   (`auto` with the rule forced to compress);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -143,14 +145,15 @@ def forced(variant: Variant) -> Iterator[None]:
 
 
 def run_once(url: str, case: Case, variant: Variant, runs: Runs, check: bool) -> None:
-    import time
-
     from remote_vae.nodes.operations import NodeRequest, decode_latent
 
     request = NodeRequest(
-        preset=case.preset, endpoint=f"{url}/{case.preset}", transfer=variant.transfer, timeout=TIMEOUT,
+        preset="auto",
+        endpoint=f"{url}/{case.preset}",
+        transfer=variant.transfer,
+        timeout=TIMEOUT,
         video_only=case.video,
-    )  # fmt: skip
+    )  # fmt: skip  (preset auto, the node's default: the server describes its model, and its dtype)
     with forced(variant):
         started = time.perf_counter()
         outcome = decode_latent(case.latent, request)
@@ -236,10 +239,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads(), help="the server's torch threads")
     parser.add_argument(
         "--dtype",
-        default="float32",
+        default="bfloat16",
         choices=("float32", "bfloat16", "float16"),
-        help="the server's model dtype (default float32; the client uploads latents in it only where it asked "
-        "/v1/models, i.e. for the codec variants, so float32 keeps every variant's upload alike)",
+        help="the server's model dtype, which the client uploads latents in (default bfloat16, as Wan and "
+        "most GPU servers run; the stand-ins render the same pixels in every dtype)",
     )
     parser.add_argument("--proxy", action="store_true", help="use the TCP proxy even where netem works")
     parser.add_argument(
@@ -295,7 +298,7 @@ def main() -> None:
     table += ["", *verdicts(results, chosen, args.links)]
     text = (
         f"Server: bench.serve with photo-standin (sd15) and wan-standin (wan21), {args.dtype} on CPU, {args.threads} "
-        f"torch threads. Client: nodes.operations.decode_latent, default chunking and parallelism. Median of "
+        f"torch threads. Client: nodes.operations.decode_latent, preset auto, default chunking and parallelism. Median of "
         f"{args.repeats} runs per variant after one warm-up each, variants interleaved (rotated order); max error "
         "and PSNR against bench/content.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
         "(Transfer.bytes_sent/received); the floor is (up + down) / rate + RTT. " + " ".join(notes)
