@@ -153,31 +153,31 @@ def rule_defaults() -> tuple[Figures, float, str]:
     return defaults, link.MARGIN, "remote/link.py"
 
 
-def compressed_seconds(f: Figures, n_frames: int, megapixels: float, raw_bytes: float, rate: float) -> float:
-    """The rule's estimate (remote/link.py's when it is there): the slowest stage plus one frame's worth
-    of all stages when frames pipeline, their sum for a single frame."""
+def compressed_seconds(f: Figures, shape: tuple[int, int, int], rate: float) -> float:
+    """The rule's estimate for `shape` (frames, height, width) at `rate` bytes/s (remote/link.py's when it
+    is there): the slowest stage plus one frame's worth of all stages when frames pipeline, their sum for
+    a single frame."""
     try:
         from remote_vae.remote import link
     except ImportError:
+        n_frames, height, width = shape
+        megapixels = n_frames * height * width / MEGA
         stages = (
-            raw_bytes * f.ratio / rate,
+            n_frames * height * width * 3 * f.ratio / rate,
             megapixels * f.encode_per_mp / f.encode_threads,
             megapixels * f.decode_per_mp / f.decode_threads,
         )
         return max(stages) + sum(stages) / n_frames if n_frames > 1 else sum(stages)
     estimate = link.Estimate(rate, f.ratio, f.encode_per_mp, f.encode_threads, f.decode_per_mp)
-    height = round((megapixels * MEGA / n_frames) ** 0.5)
-    job = link.Job(n_frames, height, round(megapixels * MEGA / n_frames / height))
-    return link.compressed_seconds(estimate, job, f.decode_threads)
+    return link.compressed_seconds(estimate, link.Job(*shape), f.decode_threads)
 
 
-def break_even_mbit(f: Figures, margin: float, n_frames: int, height: int, width: int) -> float:
-    """The link speed (Mbit/s) below which the rule compresses (0: never; it rises with the rate)."""
-    megapixels = n_frames * height * width / MEGA
-    raw_bytes = n_frames * height * width * 3
+def break_even_mbit(f: Figures, margin: float, shape: tuple[int, int, int]) -> float:
+    """The link speed (Mbit/s) below which the rule compresses `shape` (0: never; it rises with the rate)."""
+    raw_bytes = shape[0] * shape[1] * shape[2] * 3
 
     def compress(rate: float) -> bool:
-        return compressed_seconds(f, n_frames, megapixels, raw_bytes, rate) < margin * raw_bytes / rate
+        return compressed_seconds(f, shape, rate) < margin * raw_bytes / rate
 
     low, high = 1e3, 1e12  # bytes per second
     if not compress(low):
@@ -281,7 +281,7 @@ def break_even_lines(jxl: dict[str, Measured], threads: int) -> list[str]:
     ]
     header = ["job", "rule defaults"] + [f"measured on {what}" for what in jxl]
     rows = [
-        [job] + [f"{break_even_mbit(f, margin, *shape):.0f}" for f in (defaults, *measured)]
+        [job] + [f"{break_even_mbit(f, margin, shape):.0f}" for f in (defaults, *measured)]
         for job, shape in jobs.items()
     ]
     lines += markdown_table(header, rows)
