@@ -48,7 +48,7 @@ def peer_request(url: str, z: torch.Tensor) -> torch.Tensor:
 def variants(url: str, z: torch.Tensor) -> dict[str, Callable[[], object]]:
     from diffusers.utils.remote_utils import remote_decode
 
-    from remote_vae.nodes.operations import decode_latent
+    from remote_vae.nodes.operations import NodeRequest, RunOptions, decode_latent
     from remote_vae.nodes.vae_nodes import RemoteVAEDecode
 
     node = RemoteVAEDecode()
@@ -64,7 +64,9 @@ def variants(url: str, z: torch.Tensor) -> dict[str, Callable[[], object]]:
             samples={"samples": z}, preset="sd15", endpoint=url, transfer="lossless", timeout=TIMEOUT
         ),
         "ours: lossless, 1 image per request (3 in flight)": lambda: decode_latent(
-            z, preset="sd15", endpoint=url, transfer="lossless", timeout=TIMEOUT, pixel_budget=one_image
+            z,
+            NodeRequest(preset="sd15", endpoint=url, transfer="lossless", timeout=TIMEOUT),
+            RunOptions(pixel_budget=one_image),
         ),
         "ours: RemoteVAEDecode, compact (JPEG q95)": lambda: node.decode(
             samples={"samples": z}, preset="sd15", endpoint=url, transfer="compact", timeout=TIMEOUT

@@ -4,15 +4,21 @@ Times RemoteVAEDecode (our node, default `lossless` transfer) end to end through
 against a ComfyUI-style in-process decode (`vae.decode(z)`, float32, `clamp((x+1)/2)`, NHWC) of the same
 full-size SD VAE: same weights, same dtype, same torch thread count in both processes. The two run
 alternately (the server idles while the benchmark decodes and the reverse), and each pair gives one ratio.
-Target (issue #5): remote / in-process <= 1.05.
+Target (issue #5): remote / in-process <= 1.05. Issue 12's fixed-cost targets, checked at 1024x1024
+(`--model sd-standin --sizes 1024`): remote minus in-process <= 10 ms, the server's render to uint8 <= 5 ms
+per 1024x1024, and the client turning a reply into an IMAGE <= 3 ms per 1024x1024 (timed here on one
+fetched answer, the way the node converts it: as it arrives where the client does that, else from the
+whole body).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import requests
 import torch
 
 from .common import Server, default_threads, median, metric_total, metrics, record_as_module, revision
@@ -20,6 +26,9 @@ from .models import build, comfy_decode
 from .results import markdown_table, record
 
 TARGET = 1.05
+FIXED_MS, RENDER_MS, REPLY_MS = 10.0, 5.0, 3.0  # issue 12, at (or per) 1024x1024
+ONE_K = 1024 * 1024
+CHUNK = 1 << 16  # what the client's transport hands a receiver at a time
 
 
 def server_means(before: dict | None, after: dict | None) -> list[str]:
@@ -35,6 +44,67 @@ def server_means(before: dict | None, after: dict | None) -> list[str]:
         "remote_vae_request_seconds_sum",
     )
     return [f"{(metric_total(after, n) - metric_total(before, n)) / count * 1000:.1f}" for n in names]
+
+
+def reply_converter(endpoint: str, z: torch.Tensor) -> tuple[Callable[[], object], str]:
+    """One fetched uint8 answer for `z`, and a function turning it into an IMAGE as the node does."""
+    from remote_vae.nodes import convert
+    from remote_vae.remote.presets import get_preset
+    from remote_vae.remote.reply import Reply, Transfer
+
+    wire = convert.decode_request(z, "lossless")
+    response = requests.post(endpoint, params=wire.params, headers=wire.headers, data=wire.body, timeout=600)
+    response.raise_for_status()
+    body, headers = response.content, response.headers
+    transfer = Transfer(endpoint, response.status_code, len(wire.body), len(body), 0.0, 1)
+    preset, shape = get_preset("sd15"), list(z.shape)
+    if not hasattr(convert, "pixel_receiver"):
+        reply = Reply(body, headers, transfer)
+        return lambda: convert.image_from_reply(reply, "lossless", preset, shape), "from the whole body"
+
+    def as_it_arrives() -> object:
+        receiver = convert.pixel_receiver(preset, shape)(Reply(b"", headers, transfer))
+        view = memoryview(body)
+        for start in range(0, len(body), CHUNK):
+            receiver.feed(view[start : start + CHUNK])
+        receiver.finish()
+        return receiver
+
+    return as_it_arrives, f"as it arrives ({CHUNK >> 10} KiB chunks)"
+
+
+def timed_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return median(times)
+
+
+def fixed_cost_lines(rows: list[list], sizes: list[int], reply_path: str) -> list[str]:
+    """Issue 12's fixed-cost verdicts: render and reply per 1024x1024 for every size, the remote minus
+    in-process difference at 1024x1024 only."""
+    lines = ["", f"Fixed cost (issue 12; the client's conversion timed {reply_path}):"]
+    for size, row in zip(sizes, rows):
+        per_1k = ONE_K / (size * size)
+        render, reply = row[7], row[-2]
+        render_text = "no /metrics" if render == "-" else f"{float(render) * per_1k:.1f} ms"
+        render_ok = render != "-" and float(render) * per_1k <= RENDER_MS
+        lines.append(
+            f"- {size}x{size}: server render per 1024x1024 {render_text} (<= {RENDER_MS:g}: "
+            f"{'met' if render_ok else 'NOT met'}); client reply -> IMAGE per 1024x1024 "
+            f"{float(reply) * per_1k:.1f} ms (<= {REPLY_MS:g}: {'met' if float(reply) * per_1k <= REPLY_MS else 'NOT met'})"
+            + (
+                f"; remote - in-process {row[5]} ms (<= {FIXED_MS:g}: "
+                f"{'met' if float(row[5]) <= FIXED_MS else 'NOT met'})"
+                if size == 1024
+                else ""
+            )
+            + "."
+        )
+    return lines
 
 
 def main() -> None:
@@ -120,6 +190,8 @@ def main() -> None:
                     flush=True,
                 )
             server_ms = server_means(before, metrics(server.url))
+            convert_once, reply_path = reply_converter(endpoint, z)
+            reply_ms = worker.submit(timed_ms, convert_once, 20).result()
             ratios = [r / lo for r, lo in zip(remote_s, local_s)]
             deltas = [(r - lo) * 1000 for r, lo in zip(remote_s, local_s)]
             rows.append(
@@ -132,6 +204,7 @@ def main() -> None:
                     f"{median(deltas):.0f}",
                     *server_ms,
                     f"{agree:.2f}",
+                    f"{reply_ms:.2f}",
                     "yes" if median(ratios) <= TARGET else "no",
                 ]
             )
@@ -148,10 +221,12 @@ def main() -> None:
             "server: render ms",
             "server: whole request ms",
             "max diff, 0..255",
+            "client: reply -> IMAGE ms",
             f"<= {TARGET}",
         ],
         rows,
     )
+    table += fixed_cost_lines(rows, args.sizes, reply_path)
     what = (
         "SD VAE, full size (block_out_channels 128,256,512,512, 2 layers per block, seeded random weights)"
         if args.model == "sd-full"
