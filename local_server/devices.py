@@ -44,6 +44,7 @@ class Workers:
     """One worker thread per device plus a pool of `cpu_threads` for conversions."""
 
     def __init__(self, cpu_threads: int = 2) -> None:
+        self.cpu_threads = cpu_threads
         self._devices: dict[str, ThreadPoolExecutor] = {}
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="remote-vae-cpu")
 
@@ -61,6 +62,10 @@ class Workers:
 
     async def on_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    def submit_cpu(self, fn: Callable[[], T]) -> Future[T]:
+        """`fn` on the conversion pool, not awaited yet (a streamed answer keeps several in flight)."""
+        return self._cpu.submit(fn)
 
     def close(self) -> None:
         for worker in self._devices.values():
