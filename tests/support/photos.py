@@ -3,10 +3,20 @@ and a stand-in VAE that decodes any latent to those pixels (so real photographs 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
 import numpy as np
+import requests
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from skimage import data
+
+from remote_vae.local_server.app import Settings, create_app
+from remote_vae.local_server.registry import ModelRegistry, Tuning
+from remote_vae.remote.presets import PRESETS, Preset
+from support.serving import post_decode, serve
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -56,3 +66,36 @@ class PhotoVAE(torch.nn.Module):
         return DecoderOutput(
             sample=shown.permute(1, 0, 2, 3)[None].expand(z.shape[0], -1, -1, -1, -1).to(z.dtype)
         )
+
+
+PIXELS = dataclasses.replace(PRESETS["sd15"], name="pixels", spatial_compression=1)  # any size, odd too
+
+
+@contextlib.contextmanager
+def hosting_photos(
+    vae: PhotoVAE, preset: Preset, settings: Settings | None = None, options: Tuning | None = None
+) -> Iterator[str]:
+    """`vae` served as /{preset.name} on a free port (float32 on the CPU); yields the base URL."""
+    host = ModelRegistry(options=options)
+    host.add(preset.name, preset, model=vae, device="cpu", dtype="float32")
+    try:
+        with serve(create_app(host, settings)) as url:
+            yield url
+    finally:
+        host.close()
+
+
+def uint8_decode(
+    url: str, model: str, latent: torch.Tensor, codec: str | None = None, **options
+) -> requests.Response:
+    """The uint8 NHWC answer (output_type=pt, partial_postprocess=True), compressed by `codec` if given."""
+    extra = [("codec", codec)] if codec else []
+    return post_decode(
+        f"{url}/{model}",
+        latent,
+        output_type="pt",
+        partial_postprocess=True,
+        do_scaling=False,
+        extra_params=extra,
+        **options,
+    )
