@@ -29,6 +29,7 @@ from starlette.responses import StreamingResponse
 
 from ..remote import frames, protocol
 from ..remote.frames import Codec
+from ..remote.protocol import ProtocolError
 from .errors import DeadlineExceeded
 from .postprocess import to_uint8
 from .request_log import Exchange
@@ -38,9 +39,11 @@ T = TypeVar("T")
 BAND_BYTES = 1 << 20  # raw pixels per band: sending starts after ~1 MB is rendered, not the whole answer
 
 
+NEEDS: dict[Codec, str] = {"jxl": "imagecodecs with JPEG XL", "h264rgb": "PyAV with libx264rgb"}
+
+
 def offered_codecs() -> tuple[Codec, ...]:
-    """The codecs this server can encode: jxl needs imagecodecs built with JPEG XL, h264rgb PyAV with
-    libx264rgb."""
+    """The codecs this server can encode (what each `NEEDS`)."""
     offered: list[Codec] = []
     try:
         import imagecodecs
@@ -57,6 +60,14 @@ def offered_codecs() -> tuple[Codec, ...]:
     except (ImportError, ValueError):  # no PyAV, or an FFmpeg without libx264
         pass
     return tuple(offered)
+
+
+def check_offered(codec: Codec | None, offered: tuple[Codec, ...]) -> None:
+    if codec is not None and codec not in offered:
+        raise ProtocolError(
+            f"codec={codec} cannot be encoded by this server (it needs {NEEDS[codec]}); "
+            f"the codecs it offers (GET /v1/models): {', '.join(offered) or 'none'}"
+        )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 One request reads top to bottom: pick the model, read the body (`uploads`), take an admission slot
 (`limits.Admission`), parse with `remote.protocol`, validate against the preset, run on the device worker
-(`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer. Around the job routes: the request log
+(`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer (uint8 pixels streamed as they are
+rendered and, with our `codec` extension, compressed: `answers`). Around the job routes: the request log
 and metrics and the token check, as route middleware; below them, the connection limits (`http_server`).
 Errors carry their status (`errors.ServerError`); client mistakes get 4xx JSON naming the bad value,
 only the server's own faults get 5xx.
@@ -44,9 +45,6 @@ from .request_log import Exchange, RequestLog
 from .uploads import UploadLimits, read_body
 
 log = logging.getLogger("remote_vae.server")
-
-# What the server needs to encode each codec (`answers.offered_codecs`).
-CODEC_NEEDS: dict[Codec, str] = {"jxl": "imagecodecs with JPEG XL", "h264rgb": "PyAV with libx264rgb"}
 
 # Path words a hosted model may not be called, or its routes would shadow ours.
 RESERVED_NAMES = frozenset({"predict", "health", "ready", "v1", "metrics", "decode", "encode", "docs"})
@@ -268,12 +266,7 @@ class JobEndpoints:
             )
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
-        if spec.codec is not None and spec.codec not in self.codecs:
-            offered = ", ".join(self.codecs) or "none"
-            raise ProtocolError(
-                f"codec={spec.codec} cannot be encoded by this server (it needs "
-                f"{CODEC_NEEDS[spec.codec]}); the codecs it offers (GET /v1/models): {offered}"
-            )
+        answers.check_offered(spec.codec, self.codecs)
         if not audio:
             need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
             self.limits.check_memory(need, hosted.device)
