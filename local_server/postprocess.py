@@ -148,6 +148,11 @@ def check_output_fits(spec: OutputSpec, preset: Preset, latent: torch.Tensor, mo
             f"output_type=mp4 of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
             f"{MAX_MP4_SIDE} pixels per side; decode a smaller video, or use output_type=pt"
         )
+    if spec.codec == "h264rgb" and max(height, width) > MAX_MP4_SIDE:  # refused before, not mid-answer
+        raise LimitExceeded(
+            f"codec=h264rgb of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
+            f"{MAX_MP4_SIDE} pixels per side; use codec=jxl, or no codec"
+        )
 
 
 # --------------------------------------------------------------------------- decode outputs

@@ -221,3 +221,12 @@ def test_codec_on_an_encode_is_refused():
     with hosting_photos(PhotoVAE(photos(64, 64)), SD15) as url:
         response = post_encode(f"{url}/sd15", torch.zeros(1, 3, 64, 64), extra_params=[("codec", "jxl")])
     assert error_of(response, 400) == "codec=jxl compresses decode answers only; send encodes without it"
+
+
+def test_h264rgb_wider_than_h264_allows_is_refused_before_decoding():
+    with hosting_photos(PhotoVAE(photos(8, 8), scale=1), PIXELS) as url:
+        response = uint8_decode(url, "pixels", torch.zeros(1, 4, 1, 16385), "h264rgb")
+    assert error_of(response, 413) == (
+        "codec=h264rgb of 16385x1 pixels per frame is over H.264's (libx264's) limit of 16384 pixels per "
+        "side; use codec=jxl, or no codec"
+    )
