@@ -1,7 +1,9 @@
 """uint8 decode answers streamed as they are rendered, through the real server over HTTP: the same bytes
 as a whole body, and what a client sees when an answer fails, runs out of time or is left mid-stream."""
 
+import asyncio
 import logging
+import pickle
 import threading
 import time
 from urllib.parse import urlencode
@@ -197,3 +199,23 @@ def test_compressed_answers_are_logged_and_counted(caplog):
     assert response.status_code == 200 and "codec=jxl encode=" in caplog.text
     assert 'remote_vae_encode_seconds_count{model="sd15",codec="jxl"} 1' in metrics
     assert np.frombuffer(response.content[:4], np.uint8).tobytes() == frames.MAGIC
+
+
+def test_ray_replicas_send_bodies_ray_can_pickle():
+    """Ray Serve pickles a replica's ASGI messages; our bodies are memoryviews until the wrapper."""
+    pytest.importorskip("ray")
+    from remote_vae.local_server.ray_app import with_header
+
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": memoryview(b"pixels"), "more_body": False})
+
+    async def send(message):
+        pickle.dumps(message)  # what Ray does with it; a memoryview raises TypeError
+        sent.append(message)
+
+    asyncio.run(with_header(app, b"x-remote-vae-replica", b"r1")({"type": "http"}, None, send))
+    assert sent[0]["headers"] == [(b"x-remote-vae-replica", b"r1")]
+    assert sent[1] == {"type": "http.response.body", "body": b"pixels", "more_body": False}
