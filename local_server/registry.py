@@ -82,7 +82,7 @@ class ModelRegistry:
         self,
         *,
         loader: BackendLoader | None = None,
-        cpu_threads: int = 2,
+        cpu_threads: int | None = None,  # the conversion pool's width (None: every usable CPU)
         load_hint: str | None = None,
         options: Tuning | None = None,
     ) -> None:

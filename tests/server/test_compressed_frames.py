@@ -14,7 +14,7 @@ from remote_vae.local_server.app import Settings
 from remote_vae.local_server.registry import Tuning
 from remote_vae.remote import frames, protocol
 from remote_vae.remote.presets import PRESETS
-from support.photos import PIXELS, PhotoVAE, hosting_photos, pan_clip, photos, uint8_decode
+from support.photos import CPU_THREADS, PIXELS, PhotoVAE, hosting_photos, pan_clip, photos, uint8_decode
 from support.serving import error_of, post_decode, post_encode
 
 SD15, WAN = PRESETS["sd15"], PRESETS["wan21"]
@@ -59,7 +59,8 @@ def test_jxl_is_byte_identical_for_a_batch_of_photographs():
     )
     assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
     assert (
-        set(stats) == {"render_seconds", "encode_seconds", "encode_threads"} and stats["encode_threads"] == 2
+        set(stats) == {"render_seconds", "encode_seconds", "encode_threads"}
+        and stats["encode_threads"] == CPU_THREADS
     )
     assert len(response.content) < exact.nbytes  # photographs compress
 
@@ -84,7 +85,7 @@ def test_jxl_of_one_large_photograph():
         exact, back, response = both(url, "sd15", torch.zeros(1, 4, 64, 64), "jxl")
         _, stats = decoded(response)
     assert exact.shape == (1, 512, 512, 3) and np.array_equal(back, exact)
-    assert stats["encode_threads"] == 2
+    assert stats["encode_threads"] == CPU_THREADS
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -68,6 +68,7 @@ class PhotoVAE(torch.nn.Module):
         )
 
 
+CPU_THREADS = 2  # the servers' conversion pool, whatever the machine
 PIXELS = dataclasses.replace(PRESETS["sd15"], name="pixels", spatial_compression=1)  # any size, odd too
 
 
@@ -75,8 +76,9 @@ PIXELS = dataclasses.replace(PRESETS["sd15"], name="pixels", spatial_compression
 def hosting_photos(
     vae: PhotoVAE, preset: Preset, settings: Settings | None = None, options: Tuning | None = None
 ) -> Iterator[str]:
-    """`vae` served as /{preset.name} on a free port (float32 on the CPU); yields the base URL."""
-    host = ModelRegistry(options=options)
+    """`vae` served as /{preset.name} on a free port (float32 on the CPU, CPU_THREADS conversion
+    threads); yields the base URL."""
+    host = ModelRegistry(options=options, cpu_threads=CPU_THREADS)
     host.add(preset.name, preset, model=vae, device="cpu", dtype="float32")
     try:
         with serve(create_app(host, settings)) as url:
