@@ -2,7 +2,8 @@
 
 One request reads top to bottom: pick the model, read the body (`uploads`), take an admission slot
 (`limits.Admission`), parse with `remote.protocol`, validate against the preset, run on the device worker
-(`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer. Around the job routes: the request log
+(`jobs.JobRunner`), convert on the CPU pool (`postprocess`), answer (uint8 pixels streamed as they are
+rendered and, with our `codec` extension, compressed: `answers`). Around the job routes: the request log
 and metrics and the token check, as route middleware; below them, the connection limits (`http_server`).
 Errors carry their status (`errors.ServerError`); client mistakes get 4xx JSON naming the bad value,
 only the server's own faults get 5xx.
@@ -26,10 +27,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..remote import protocol
+from ..remote import frames, protocol
+from ..remote.frames import Codec
 from ..remote.presets import PresetError
 from ..remote.protocol import Operation, ProtocolError
-from . import memory, postprocess
+from . import answers, memory, postprocess
 from .auth import RequireToken, is_authorized
 from .backends.base import Shape
 from .errors import DeadlineExceeded, ServerError, error_response
@@ -37,7 +39,7 @@ from .jobs import DECODE, ENCODE, Job, JobOptions, JobRunner, Op
 from .latents import Factors, check_scaling, latent_fits, prepare_latent, preset_factors
 from .limits import Admission, Limits
 from .metrics import Metrics, server_metrics
-from .postprocess import OutputSpec, PixelCheck
+from .postprocess import UINT8, OutputSpec, PixelCheck
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
 from .uploads import UploadLimits, read_body
@@ -51,13 +53,14 @@ RESERVED_NAMES = frozenset({"predict", "health", "ready", "v1", "metrics", "deco
 @dataclass
 class Settings:
     """Server-wide policy: limits, how fast bodies must arrive, the bearer token (None: no auth), CORS
-    origins, metrics."""
+    origins, metrics, the codecs offered for compressed answers."""
 
     limits: Limits = field(default_factory=Limits)
     uploads: UploadLimits = field(default_factory=UploadLimits)
     token: str | None = None
     cors_origins: Sequence[str] = ()
     metrics: Metrics = field(default_factory=server_metrics)
+    codecs: tuple[Codec, ...] = field(default_factory=answers.offered_codecs)
 
 
 def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starlette:
@@ -76,6 +79,7 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
             {
                 "default": models.names[0] if models.names else None,
                 "models": [m.describe() for m in models.models()],
+                "codecs": list(settings.codecs),
             }
         )
 
@@ -121,7 +125,7 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],
-                expose_headers=["shape", "dtype", "x-request-id"],
+                expose_headers=["shape", "dtype", "x-request-id", frames.CODEC_HEADER],
             )
         )
     handlers = {
@@ -165,6 +169,7 @@ class JobEndpoints:
         self.limits = settings.limits
         self.uploads = settings.uploads
         self.admission = Admission(settings.limits.max_in_flight, settings.metrics)
+        self.codecs = settings.codecs
         self.jobs = JobRunner(models)
         self._before_body = {"decode": self._check_decode_query, "encode": self._check_encode_query}
         self._answers = {"decode": self._decode, "encode": self._encode}
@@ -180,6 +185,7 @@ class JobEndpoints:
 
     async def _within_deadline(self, request: Request, op: Operation | None) -> Response:
         timeout = self.limits.request_timeout
+        request.state.deadline = time.monotonic() + timeout  # a streamed answer keeps to it as it is sent
         try:
             return await asyncio.wait_for(self._answer(request, op), timeout)
         except asyncio.TimeoutError:
@@ -214,12 +220,29 @@ class JobEndpoints:
         ex.shape = list(req.tensor.shape)
         latent, spec = self._checked_decode(hosted, req)
         await on_cpu(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
-        job = Job(DECODE, hosted, req.scaling, spec.device_dtype, JobOptions.from_extensions(req.extensions))
+        on_device = spec.kind in postprocess.PIXEL_KINDS and self._renders_on_device(hosted)
+        out_dtype = torch.uint8 if on_device else spec.device_dtype
+        job = Job(DECODE, hosted, req.scaling, out_dtype, JobOptions.from_extensions(req.extensions))
         pixels, ex.stats = await self.jobs.run(job, latent)
+        if spec.kind == UINT8:  # sent as it is rendered
+            return self._streamed(pixels, spec.codec, request, ex)
         started = time.perf_counter()
         content, headers = await on_cpu(postprocess.render_decode, pixels, spec)
         ex.render_seconds = time.perf_counter() - started
         return Response(content, headers=headers)
+
+    def _renders_on_device(self, hosted: HostedModel) -> bool:
+        chosen = self.models.options.render_on_device
+        return hosted.device.type == "cuda" if chosen is None else chosen
+
+    def _streamed(self, pixels: torch.Tensor, codec: Codec | None, request: Request, ex: Exchange) -> Response:
+        workers = self.models.workers
+        streaming = answers.Streaming(
+            workers.submit_cpu, workers.cpu_threads, request.state.deadline, self.limits.request_timeout, ex
+        )
+        if codec is None:
+            return answers.raw_answer(pixels, streaming)
+        return answers.frames_answer(pixels, codec, streaming)
 
     def _checked_decode(
         self, hosted: HostedModel, req: protocol.DecodeRequest
@@ -243,6 +266,7 @@ class JobEndpoints:
             )
         spec = postprocess.choose_output(req, preset)
         postprocess.check_output_fits(spec, preset, latent, hosted.name)
+        answers.check_offered(spec.codec, self.codecs)
         if not audio:
             need = memory.decode_footprint(preset, tuple(latent.shape), hosted.dtype, hosted.device, body)
             self.limits.check_memory(need, hosted.device)
@@ -255,6 +279,10 @@ class JobEndpoints:
 
     def _check_encode_query(self, hosted: HostedModel, request: Request) -> None:
         req = protocol.parse_encode_request(request.query_params.multi_items(), request.headers, None)
+        if req.extensions.codec is not None:
+            raise ProtocolError(
+                f"codec={req.extensions.codec} compresses decode answers only; send encodes without it"
+            )
         if req.tensor is not None:  # an image file's size is known from its header, once it is read
             self.limits.check_body(nbytes(req.tensor))
             self._encoder_input(hosted, req, nbytes(req.tensor))

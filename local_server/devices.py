@@ -8,6 +8,7 @@ separate small pool so they never wait behind a device job.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -40,10 +41,21 @@ def resolve_dtype(spec: str | torch.dtype | None, preset: Preset, device: torch.
     return dtypes[name]
 
 
-class Workers:
-    """One worker thread per device plus a pool of `cpu_threads` for conversions."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
-    def __init__(self, cpu_threads: int = 2) -> None:
+
+class Workers:
+    """One worker thread per device plus a pool of `cpu_threads` (default: every usable CPU) for
+    conversions: rendering and the codecs release the GIL, so a streamed answer uses them all."""
+
+    def __init__(self, cpu_threads: int | None = None) -> None:
+        cpu_threads = cpu_threads or usable_cpus()
+        self.cpu_threads = cpu_threads
         self._devices: dict[str, ThreadPoolExecutor] = {}
         self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="remote-vae-cpu")
 
@@ -61,6 +73,10 @@ class Workers:
 
     async def on_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    def submit_cpu(self, fn: Callable[[], T]) -> Future[T]:
+        """`fn` on the conversion pool, not awaited yet (a streamed answer keeps several in flight)."""
+        return self._cpu.submit(fn)
 
     def close(self) -> None:
         for worker in self._devices.values():

@@ -24,6 +24,7 @@ from .backends.base import Backend, Geometry, Shape
 from .batcher import Batcher, decode_activation_elements
 from .errors import OutOfMemory
 from .latents import Factors, as_is, to_diffusion_space, to_vae_space
+from .postprocess import device_pixels
 from .registry import HostedModel, ModelRegistry
 from .tiling import run_tiled
 
@@ -96,7 +97,7 @@ class Job:
     op: Op
     model: HostedModel
     scaling: Scaling
-    out_dtype: torch.dtype  # of the result handed back on the CPU
+    out_dtype: torch.dtype  # of the result handed back on the CPU; uint8: pixels rendered on the device
     options: JobOptions = JobOptions()
 
 
@@ -168,6 +169,8 @@ class JobRunner:
             with backend.behaving_like(job.options.reference):
                 out = self._retrying_nan(job, backend, x, stats)
             out = op.out_of_model(out, job.scaling, factors, preset)
+            if job.out_dtype == torch.uint8:  # a quarter of float32's bytes to copy back (`device_pixels`)
+                out = device_pixels(out)
         stats.compute = time.perf_counter() - started
         return out.to(dtype=job.out_dtype).cpu(), stats
 

@@ -124,6 +124,11 @@ def server_metrics() -> Metrics:
     r.histogram(
         "remote_vae_render_seconds", "Time spent rendering the response (JPEG/PNG/mp4/raw).", ("model", "op")
     )
+    r.histogram(
+        "remote_vae_encode_seconds",
+        "CPU time compressing answers' frames (codec extension), summed over threads.",
+        ("model", "codec"),
+    )
     r.histogram("remote_vae_request_seconds", "Whole request time.", ("model", "op"))
     r.gauge("remote_vae_queue_depth", "Requests admitted and not yet finished.")
     r.counter("remote_vae_bytes_in_total", "Request body bytes.", ("model",))

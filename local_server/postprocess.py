@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..remote import protocol
+from ..remote.frames import Codec
 from ..remote.presets import Preset
 from ..remote.protocol import DecodeRequest, EncodeRequest, ProtocolError
 from .backends.base import Geometry
@@ -38,7 +39,9 @@ MAX_MP4_SIDE = 16384
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 TENSOR, UINT8, UNIT, IMAGE, MP4 = "tensor", "uint8", "unit", "image", "mp4"
+PIXEL_KINDS = (UINT8, IMAGE, MP4)  # answers made from uint8 pixels
 _ASKED = {
+    TENSOR: "output_type=pt without partial_postprocess",
     UINT8: "output_type=pt with partial_postprocess=True",
     UNIT: "output_type=pil",
     IMAGE: "output_type=pil",
@@ -60,11 +63,13 @@ def limit_pillow(max_pixels: int) -> None:
 class OutputSpec:
     """What one decode answers with.
 
-    kind: TENSOR raw decoder output; UINT8 partial_postprocess NHWC pixels; UNIT float pixels in
-    [0,1] (pil + Accept tensor/binary); IMAGE a JPEG/PNG file; MP4 a video file.
+    kind: TENSOR raw decoder output; UINT8 partial_postprocess NHWC pixels (compressed frames when
+    `codec` is set); UNIT float pixels in [0,1] (pil + Accept tensor/binary); IMAGE a JPEG/PNG file;
+    MP4 a video file.
     """
 
     kind: str
+    codec: Codec | None = None  # of a UINT8 answer sent as compressed frames
     dtype: torch.dtype = torch.float16  # of TENSOR and UNIT outputs
     image_format: str = "jpeg"  # jpeg | png
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
@@ -81,8 +86,21 @@ def choose_output(req: DecodeRequest, preset: Preset) -> OutputSpec:
     ext = req.extensions
     # float16 keeps 11 bits: more than an 8-bit image holds, less than 16-bit PCM audio.
     dtype = ext.torch_output_dtype(torch.float32 if preset.is_audio else torch.float16)
+    if req.output_type == "pt" and req.partial_postprocess:
+        return OutputSpec(UINT8, dtype=dtype, codec=ext.codec)
+    spec = _other_output(req, dtype, preset)
+    if ext.codec is not None:
+        raise ProtocolError(
+            f"codec={ext.codec} compresses the uint8 pixels of output_type=pt with partial_postprocess=True "
+            f"only, not the answer to {_ASKED[spec.kind]}: send those two parameters, or no codec"
+        )
+    return spec
+
+
+def _other_output(req: DecodeRequest, dtype: torch.dtype, preset: Preset) -> OutputSpec:
+    ext = req.extensions
     if req.output_type == "pt":
-        return OutputSpec(UINT8 if req.partial_postprocess else TENSOR, dtype=dtype)
+        return OutputSpec(TENSOR, dtype=dtype)
     if req.output_type == "mp4":
         return OutputSpec(MP4, fps=ext.fps or preset.fps)
     if req.accept == protocol.TENSOR_TYPE:  # diffusers' "processor as a flag" path
@@ -129,6 +147,11 @@ def check_output_fits(spec: OutputSpec, preset: Preset, latent: torch.Tensor, mo
         raise LimitExceeded(
             f"output_type=mp4 of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
             f"{MAX_MP4_SIDE} pixels per side; decode a smaller video, or use output_type=pt"
+        )
+    if spec.codec == "h264rgb" and max(height, width) > MAX_MP4_SIDE:  # refused before, not mid-answer
+        raise LimitExceeded(
+            f"codec=h264rgb of {width}x{height} pixels per frame is over H.264's (libx264's) limit of "
+            f"{MAX_MP4_SIDE} pixels per side; use codec=jxl, or no codec"
         )
 
 
@@ -188,6 +211,20 @@ def _render_pool() -> ThreadPoolExecutor:
     )
 
 
+def uint8_frames(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output -> uint8 NHWC frames [N,H,W,3]; pixels the device job rendered already
+    (`device_pixels`) are only viewed as frames."""
+    if x.dtype == torch.uint8:
+        return x.reshape(-1, *x.shape[-3:])
+    return to_uint8(x)
+
+
+def device_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output -> uint8 NHWC pixels where it lies (on the device: no float output to copy back),
+    one item per batch item: [B,H,W,3] or [B,F,H,W,3] (a batch is split by its first dimension)."""
+    return uint8_reference(x).reshape(x.shape[0], *x.shape[2:-2], *x.shape[-2:], 3)
+
+
 def uint8_reference(x: torch.Tensor) -> torch.Tensor:
     """Decoder output -> uint8 NHWC frames: float16 denormalise, then *255 in float32, round half to even."""
     unit = (frames_first(x).half() * 0.5 + 0.5).clamp(0, 1)
@@ -239,15 +276,16 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     return buffer.getvalue()
 
 
-def render_decode(x: torch.Tensor, spec: OutputSpec) -> tuple[bytes, dict[str, str]]:
-    """Decoder output (on the CPU, in `spec.device_dtype`) -> response body and headers."""
+def render_decode(x: torch.Tensor, spec: OutputSpec) -> tuple[bytes | memoryview, dict[str, str]]:
+    """Decoder output (on the CPU, in `spec.device_dtype`, or pixels from `device_pixels`) -> response
+    body and headers."""
     if spec.kind == TENSOR:
         return protocol.tensor_response(x.to(spec.dtype))
     if spec.kind == UINT8:
-        return protocol.tensor_response(to_uint8(x))
+        return protocol.tensor_response(uint8_frames(x))
     if spec.kind == UNIT:
         return protocol.tensor_response(to_unit(x, spec.dtype))
-    pixels = to_uint8(x).numpy()
+    pixels = uint8_frames(x).numpy()
     if spec.kind == MP4:
         return encode_mp4(pixels, spec.fps), {"content-type": "video/mp4"}
     content_type = protocol.PNG_TYPE if spec.image_format == "png" else protocol.JPEG_TYPE

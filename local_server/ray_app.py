@@ -22,7 +22,9 @@ REPLICA_HEADER = b"x-remote-vae-replica"
 
 
 def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
-    """Wrap an ASGI app so every HTTP response names the replica that served it."""
+    """Wrap an ASGI app so every HTTP response names the replica that served it, and its body chunks
+    are bytes: Ray Serve pickles a replica's ASGI messages to its proxy, and a memoryview (our answers'
+    bodies without a copy) does not pickle."""
 
     async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -32,6 +34,8 @@ def with_header(app: Callable, name: bytes, value: bytes) -> Callable:
         async def send_with_header(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+            elif isinstance(message.get("body"), memoryview):
+                message = {**message, "body": bytes(message["body"])}
             await send(message)
 
         await app(scope, receive, send_with_header)

@@ -38,6 +38,9 @@ class Tuning:
     batch_window: float = 0.01  # seconds a request waits for others to join its batch
     batch_max_items: int = 8
     memory_budget: int | None = None  # bytes one job may use; None: the device's free memory
+    # uint8 pixels rendered by the device job, where the model runs (None: on CUDA only; a CPU renders
+    # faster in the answer's own bit-exact pass, band by band as it is sent)
+    render_on_device: bool | None = None
     accel: Accel = field(default_factory=Accel)
 
 
@@ -79,7 +82,7 @@ class ModelRegistry:
         self,
         *,
         loader: BackendLoader | None = None,
-        cpu_threads: int = 2,
+        cpu_threads: int | None = None,  # the conversion pool's width (None: every usable CPU)
         load_hint: str | None = None,
         options: Tuning | None = None,
     ) -> None:

@@ -3,7 +3,9 @@
 Each job request gets an `Exchange` (in `request.state.exchange`) that the handler fills in as it goes;
 when the answer's last byte is about to leave, the outcome is counted and logged. A server fault that no
 handler turned into an answer becomes a short 500 here, logged whole; a client that left before its answer
-is a 499 (outcome "client_closed"), one log line and no traceback.
+is a 499 (outcome "client_closed"), one log line and no traceback. A streamed answer that fails after its
+status line was sent cannot change it: the failure is logged whole and the connection aborted (the client
+sees a short body), counted as a 500.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ class Exchange:
     op: str = "-"
     shape: list[int] = field(default_factory=list)
     stats: JobStats = field(default_factory=JobStats)
-    render_seconds: float = 0.0
+    render_seconds: float = 0.0  # summed over the threads that rendered
     bytes_in: int = 0
+    codec: str = "-"  # of a compressed-frames answer
+    encode_seconds: float = 0.0  # CPU-seconds the codec took, summed over threads
 
 
 class RequestLog:
@@ -53,12 +57,12 @@ class RequestLog:
         ex = Exchange(supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex[:16])
         scope.setdefault("state", {})["exchange"] = ex
         started = time.perf_counter()
-        status, sent = 500, 0
+        status, sent, answering, done = 500, 0, False, False
 
         async def send_logged(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, answering, done
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answering = message["status"], True
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", ex.request_id.encode())],
@@ -66,16 +70,26 @@ class RequestLog:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 if not message.get("more_body", False):  # counted before the client can ask /metrics again
+                    done = True
                     self._account(ex, status, sent, time.perf_counter() - started)
             await send(message)
 
         try:
             await self.app(scope, receive, send_logged)
-        except ClientDisconnect:  # read by something other than uploads.read_body: the same 499
-            await error_response(ClientClosed.status, "the client closed the connection")(
-                scope, receive, send_logged
-            )
-        except Exception as exc:  # a server fault: log it whole, answer briefly, keep serving
+            if answering and not done:  # a streamed answer whose client left
+                self._account(ex, ClientClosed.status, sent, time.perf_counter() - started)
+        except Exception as exc:
+            if answering:  # returning without the last body message makes uvicorn close the connection
+                log.error("request %s to %s failed after %d bytes of its answer; connection aborted",
+                          ex.request_id, scope["path"], sent, exc_info=exc)  # fmt: skip
+                self._account(ex, 500, sent, time.perf_counter() - started)
+                return
+            if isinstance(exc, ClientDisconnect):  # read by something other than uploads.read_body: 499
+                await error_response(ClientClosed.status, "the client closed the connection")(
+                    scope, receive, send_logged
+                )
+                return
+            # a server fault: log it whole, answer briefly, keep serving
             log.exception("request to %s failed", scope["path"])
             message = f"internal server error: {type(exc).__name__}: {str(exc)[:300]}"
             await error_response(500, message)(scope, receive, send_logged)
@@ -92,15 +106,18 @@ class RequestLog:
             metrics.observe("remote_vae_queue_seconds", ex.stats.queue, model=model, op=op)
             metrics.observe("remote_vae_compute_seconds", ex.stats.compute, model=model, op=op)
             metrics.observe("remote_vae_render_seconds", ex.render_seconds, model=model, op=op)
+            if ex.codec != "-":
+                metrics.observe("remote_vae_encode_seconds", ex.encode_seconds, model=model, codec=ex.codec)
             if ex.stats.tiled:
                 metrics.inc("remote_vae_tiled_total", model=model)
             for kind in ex.stats.fallbacks:
                 metrics.inc("remote_vae_fallback_total", model=model, kind=kind)
         log.info(
-            "request %s %s %s shape=%s status=%d batch=%d queue=%.3fs compute=%.3fs render=%.3fs total=%.3fs%s%s",
+            "request %s %s %s shape=%s status=%d batch=%d queue=%.3fs compute=%.3fs render=%.3fs total=%.3fs%s%s%s",
             ex.request_id, model, op, ex.shape, status, ex.stats.batch, ex.stats.queue, ex.stats.compute,
             ex.render_seconds, seconds, " tiled" if ex.stats.tiled else "",
             f" fallbacks={','.join(ex.stats.fallbacks)}" if ex.stats.fallbacks else "",
+            f" codec={ex.codec} encode={ex.encode_seconds:.3f}s" if ex.codec != "-" else "",
         )  # fmt: skip
 
 

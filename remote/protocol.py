@@ -85,12 +85,18 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     """Raw little-endian C-order bytes of any tensor (CUDA, non-contiguous and bfloat16 included)."""
+    return bytes(tensor_buffer(tensor))
+
+
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """`tensor_to_bytes` as a flat byte view of the tensor's memory: no copy for a contiguous CPU tensor
+    (the view keeps the tensor alive)."""
     dtype_name(tensor.dtype)  # reject unsupported dtypes with our message
     cpu = tensor.detach().to("cpu").contiguous()
     raw = cpu.reshape(-1).view(torch.uint8)  # numpy has no bfloat16: go through bytes
     if sys.byteorder == "big" and cpu.element_size() > 1:  # pragma: no cover - no big-endian CI
         raw = cpu.reshape(-1, 1).view(torch.uint8).flip(-1).reshape(-1)
-    return raw.numpy().tobytes()
+    return memoryview(raw.numpy())
 
 
 def expected_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
@@ -156,14 +162,14 @@ def parse_shape_header(value: str | None) -> list[int]:
     return shape
 
 
-def tensor_response(tensor: torch.Tensor) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a `tensor/binary` response."""
-    headers = {
-        "content-type": TENSOR_TYPE,
-        "shape": format_shape(tensor.shape),
-        "dtype": dtype_name(tensor.dtype),
-    }
-    return tensor_to_bytes(tensor), headers
+def tensor_response(tensor: torch.Tensor) -> tuple[memoryview, dict[str, str]]:
+    """Body (the tensor's own bytes, not a copy: `tensor_buffer`) and headers of a `tensor/binary`
+    response."""
+    return tensor_buffer(tensor), tensor_headers(tensor.shape, tensor.dtype)
+
+
+def tensor_headers(shape: Iterable[int], dtype: torch.dtype) -> dict[str, str]:
+    return {"content-type": TENSOR_TYPE, "shape": format_shape(shape), "dtype": dtype_name(dtype)}
 
 
 def parse_tensor_response(body: bytes, headers: Mapping[str, str]) -> torch.Tensor:
