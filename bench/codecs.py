@@ -2,7 +2,7 @@
 
 For JPEG XL lossless at effort 1 (what the server's `jxl` sends), WebP lossless (method 0), QOI, PNG
 (level 1) and the server's near-lossless H.264 RGB (`frames.near_lossless_encode`, its error check
-included: what `h264rgb` costs the server), on bench/content.py's photographs (4 x 1024x1024) and
+included: what `h264rgb` costs the server), on bench/natural.py's photographs (4 x 1024x1024) and
 pan-and-zoom clip (81 x 480x832): the bytes against raw uint8, CPU milliseconds per megapixel on each
 side with one thread (median of the runs), and the wall time per megapixel with the frames spread over
 `--threads` threads as the server and the client do it. Lossless rows are checked to decode to the same
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from remote_vae.remote import frames
+from remote_vae.testing import natural
 
-from . import content
 from .common import median, record_as_module, revision
 from .results import markdown_table, record
 
@@ -109,7 +109,7 @@ def measure(codec: Codec, pixels: np.ndarray, threads: int, repeats: int) -> Mea
             started = time.perf_counter()
             list(pool.map(codec.decode_into, payloads, outs))
             decode_wall.append(time.perf_counter() - started)
-    error = content.max_error(out, pixels)
+    error = frames.max_error(out, pixels)
     if codec.lossless and error:
         raise SystemExit(f"{codec.name} did not round-trip losslessly: largest error {error}")
 
@@ -123,7 +123,7 @@ def measure(codec: Codec, pixels: np.ndarray, threads: int, repeats: int) -> Mea
         encode_wall_ms=per_mp(encode_wall),
         decode_wall_ms=per_mp(decode_wall),
         max_error=error,
-        psnr=content.psnr(out, pixels),
+        psnr=natural.psnr(out, pixels),
     )
 
 
@@ -207,8 +207,8 @@ def main() -> None:
     record_as_module("bench.codecs")
     if args.quick:
         args.repeats = 1
-    images = content.photos(*((2, 256, 256) if args.quick else (4, 1024, 1024)))
-    clip = content.clip(*((17, 128, 208) if args.quick else (81, 480, 832)))
+    images = natural.photos(*((2, 256, 256) if args.quick else (4, 1024, 1024)))
+    clip = natural.clip(*((17, 128, 208) if args.quick else (81, 480, 832)))
     contents = {f"{len(images)} photos {images.shape[1]}x{images.shape[2]}": images}
     contents[f"clip {len(clip)}x{clip.shape[1]}x{clip.shape[2]}"] = clip
     rows, jxl = [], {}
@@ -246,7 +246,7 @@ def main() -> None:
     )
     table += ["", *break_even_lines(jxl, args.threads)]
     notes = (
-        "Photographs and clip from bench/content.py (scikit-image's bundled photos, upscaled to 1024x1024; a "
+        "Photographs and clip from bench/natural.py (scikit-image's bundled photos, upscaled to 1024x1024; a "
         "bicubic pan and zoom over its retina photo). CPU ms is process CPU time of one thread doing every frame "
         "in turn (median of the runs); the wall columns spread frames (jxl, WebP, QOI, PNG) or 16-frame records "
         "(h264rgb) over a thread pool, each codec call single-threaded, as the server and the client do. "

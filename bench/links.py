@@ -2,7 +2,7 @@
 
 Links: loopback, 1 Gbit/s with 1 ms RTT and 100 Mbit/s with 20 ms RTT (bench/linkem.py: tc netem where
 the kernel has it, else its rate-limiting, delaying TCP proxy). The server (bench/serve.py) hosts the
-natural stand-ins of bench/models.py, whose output the server renders to bench/content.py's pixels, so
+natural stand-ins of bench/models.py, whose output the server renders to bench/natural.py's pixels, so
 real photographs travel; every answer is compared with them. Through the node's own path
 (`nodes.operations.decode_latent`, as RemoteVAEDecode and Remote Video Decode run it with their default
 preset `auto`: the server describes its model, and latents go up in its dtype, bfloat16 by default here):
@@ -30,7 +30,9 @@ import numpy as np
 import requests
 import torch
 
-from . import content
+from remote_vae.remote import frames
+from remote_vae.testing import natural
+
 from .common import Server, default_threads, median, mib, record_as_module, revision
 from .linkem import NetemLink, ProxyLink, netem_problem
 from .models import photo_latents
@@ -102,14 +104,14 @@ def cases(quick: bool) -> list[Case]:
             f"{count} x {size}x{size} images",
             "sd15",
             photo_latents(count, size),
-            content.photos(count, size, size),
+            natural.photos(count, size, size),
             [RAW, AUTO, JXL],
         ),
         Case(
             f"video {frames} x {height}x{width}",
             "wan21",
             video,
-            content.clip(frames, height, width),
+            natural.clip(frames, height, width),
             [RAW, JXL, NEAR, AUTO],
             video=True,
         ),
@@ -165,8 +167,8 @@ def run_once(url: str, case: Case, variant: Variant, runs: Runs, check: bool) ->
     runs.forms[form] = runs.forms.get(form, 0) + 1
     if check:  # not timed
         pixels = outcome.value.mul(255).round_().to(torch.uint8).numpy()
-        runs.max_error = max(runs.max_error, content.max_error(pixels, case.exact))
-        runs.psnr = min(runs.psnr, content.psnr(pixels, case.exact))
+        runs.max_error = max(runs.max_error, frames.max_error(pixels, case.exact))
+        runs.psnr = min(runs.psnr, natural.psnr(pixels, case.exact))
 
 
 @contextlib.contextmanager
@@ -300,7 +302,7 @@ def main() -> None:
         f"Server: bench.serve with photo-standin (sd15) and wan-standin (wan21), {args.dtype} on CPU, {args.threads} "
         f"torch threads. Client: nodes.operations.decode_latent, preset auto, default chunking and parallelism. Median of "
         f"{args.repeats} runs per variant after one warm-up each, variants interleaved (rotated order); max error "
-        "and PSNR against bench/content.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
+        "and PSNR against bench/natural.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
         "(Transfer.bytes_sent/received); the floor is (up + down) / rate + RTT. " + " ".join(notes)
     )
     text += f" ({revision()})"

@@ -16,7 +16,7 @@ VAEDecode on the same weights, the in-process baseline.
   width 4 (its Conv3d has no fast CPU kernel).
 - `photo-standin` / `wan-standin`: not VAEs either. SD shapes (4 channels, /8) and Wan 2.1 shapes (16
   channels, /8 in space, /4 in time: 21 latent frames -> 81) whose output is natural content
-  (bench/content.py) instead of smooth noise, so that lossless codecs meet what real decoders give. The
+  (bench/natural.py) instead of smooth noise, so that lossless codecs meet what real decoders give. The
   output values are chosen so that the server's uint8 rendering reproduces those pixels exactly: the
   benchmarks compare what arrives with them bit for bit. An image latent shows photograph
   `round(z[i,0,0,0]) mod 4` (`photo_latents` sets it), a video latent the pan-and-zoom clip.
@@ -32,9 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from remote_vae.testing import comfy_decode, random_vae
-
-from . import content
+from remote_vae.testing import comfy_decode, natural, random_vae
 
 __all__ = ["BUILDERS", "NaturalDecoder", "StandInDecoder", "build", "comfy_decode", "photo_latents"]
 
@@ -79,7 +77,7 @@ class StandInDecoder(torch.nn.Module):
 
 
 class NaturalDecoder(torch.nn.Module):
-    """Decodes to bench/content.py's photographs (images) or pan-and-zoom clip (video), as decoder output
+    """Decodes to bench/natural.py's photographs (images) or pan-and-zoom clip (video), as decoder output
     in [-1, 1] that the server renders back to exactly those uint8 pixels (`levels`).
 
     Its compute is GPU-like: a 1x1 projection of the latent (tiny) and one pass writing the output, the
@@ -99,7 +97,7 @@ class NaturalDecoder(torch.nn.Module):
             frames = 4 * (z.shape[2] - 1) + 1
             clip = _natural("clip", 0, frames, height, width, z.dtype).to(z.device)
             return SimpleNamespace(sample=clip.expand(z.shape[0], -1, -1, -1, -1) + zero)
-        shown = [int(torch.round(z[i, 0, 0, 0])) % len(content.PHOTOS) for i in range(z.shape[0])]
+        shown = [int(torch.round(z[i, 0, 0, 0])) % len(natural.PHOTOS) for i in range(z.shape[0])]
         images = [_natural("photo", i, 1, height, width, z.dtype).to(z.device) for i in shown]
         return SimpleNamespace(sample=torch.cat(images) + zero)
 
@@ -116,9 +114,9 @@ def photo_latents(count: int, size: int, seed: int = 0) -> torch.Tensor:
 def _natural(kind: str, index: int, frames: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Content as decoder output: [1,3,H,W] (a photograph) or [3,F,H,W] (the clip, unbatched) in `dtype`."""
     if kind == "photo":
-        pixels = torch.from_numpy(content.photo(index, height, width)).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(natural.photo(index, height, width)).permute(2, 0, 1)[None]
     else:
-        pixels = torch.from_numpy(content.clip(frames, height, width)).permute(3, 0, 1, 2)
+        pixels = torch.from_numpy(natural.clip(frames, height, width)).permute(3, 0, 1, 2)
     return levels(dtype)[pixels.int()]  # int32 indices: half the scratch of int64 for a whole clip
 
 

@@ -104,7 +104,9 @@ _known: dict[str, tuple[float, ServerModel | None]] = {}
 _known_lock = threading.Lock()
 
 
-def known_model(endpoint: str, *, tokens: TokenStore | None = None, timeout: float = 10.0) -> ServerModel | None:
+def known_model(
+    endpoint: str, *, tokens: TokenStore | None = None, timeout: float = 10.0
+) -> ServerModel | None:
     """`describe_model`, reused for KNOWN_FOR seconds per endpoint; None where it fails (a Hugging Face
     endpoint or another server has no model list; one that cannot be reached says so when used)."""
     now = time.monotonic()

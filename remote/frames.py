@@ -35,10 +35,10 @@ RECORD = struct.Struct("<III")  # first frame (or frames in all), frame count (0
 
 NEAR_LOSSLESS_MAX_ERROR = 8  # of 255, per channel value, guaranteed by the server's check
 JXL_EFFORT = 1  # libjxl's fastest lossless mode: ~4 ms/MP to encode, ~0.29x raw on photographs
-H264_QP = (12, 8, 0)  # tried in turn until a record is within the bound; 0 is lossless for libx264rgb
-H264_FRAMES_PER_RECORD = (
-    16  # a record starts with a key frame: fewer means more bytes, more means less overlap
-)
+H264_QP = (14, 10, 0)  # tried in turn until a record is within the bound; 0 is lossless for libx264rgb
+# A record starts with a key frame: fewer frames cost bytes, more delay the first record and
+# balance worse over the encoding threads.
+H264_FRAMES_PER_RECORD = 16
 MAX_STATS_BYTES = 4096
 
 

@@ -103,7 +103,7 @@ def expected_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     count = 1
     for dim in shape:
         count *= int(dim)
-    return count * torch.empty((), dtype=dtype).element_size()
+    return count * dtype.itemsize
 
 
 def check_body_length(length: int, shape: list[int], dtype: torch.dtype) -> None:
@@ -180,6 +180,13 @@ def parse_tensor_response(body: bytes, headers: Mapping[str, str]) -> torch.Tens
 
 def declared_response_tensor(body_length: int, headers: Mapping[str, str]) -> torch.Tensor:
     """The tensor a response's headers declare, as a meta tensor, checked against the body length."""
+    shape, dtype = declared_response(body_length, headers)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def declared_response(body_length: int, headers: Mapping[str, str]) -> tuple[list[int], torch.dtype]:
+    """The shape and dtype a response's headers declare, checked against the body length. Runs no torch
+    operation: the client calls it on its transfer threads, which may still run while Python exits."""
     lower = {k.lower(): v for k, v in headers.items()}
     shape = parse_shape_header(lower.get("shape"))
     if "dtype" not in lower:
@@ -187,7 +194,7 @@ def declared_response_tensor(body_length: int, headers: Mapping[str, str]) -> to
     torch_dtype = parse_dtype(lower["dtype"])
     validate_shape(shape)
     check_body_length(body_length, shape, torch_dtype)
-    return torch.empty(shape, dtype=torch_dtype, device="meta")
+    return shape, torch_dtype
 
 
 def error_body(message: str) -> bytes:

@@ -189,9 +189,11 @@ def receiver_for(
         codec = head.headers.get(frames.CODEC_HEADER)
         compressed = codec is not None or _content_type(head) == frames.FRAMES_TYPE
         length = _declared_length(head, compressed)
-        shape = list(replace(head, length=length).declared_tensor(want, dtype=torch.uint8, **checks).shape)
+        shape, _ = replace(head, length=length).declared(want, dtype=torch.uint8, **checks)
         if len(shape) != 4 or shape[-1] != 3:
-            raise head.unexpected(f"with uint8 of shape {shape}; partial_postprocess=True should give [N,H,W,3]")
+            raise head.unexpected(
+                f"with uint8 of shape {shape}; partial_postprocess=True should give [N,H,W,3]"
+            )
         if length > head.limits.max_bytes:
             raise head.unexpected(
                 f"declaring {length} bytes of pixels, more than the {head.limits.max_bytes} bytes a reply "

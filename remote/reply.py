@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class TensorChecks(TypedDict, total=False):
-    """What a tensor reply must be besides its shape (see `Reply.declared_tensor`)."""
+    """What a tensor reply must be besides its shape (see `Reply.declared`)."""
 
     dtype: torch.dtype | Literal["float"] | None
     meaning: str | None
@@ -90,7 +90,7 @@ class Reply:
         self, expected_shape: ExpectedShape | None = None, **checks: Unpack[TensorChecks]
     ) -> torch.Tensor:
         """The body as a tensor; `shape`/`dtype` headers and the body length must agree, and the tensor
-        must have `expected_shape` and the `checks` of `declared_tensor`."""
+        must have `expected_shape` and the `checks` of `declared`."""
         declared = self.declared_tensor(expected_shape, **checks)
         try:
             return protocol.tensor_from_bytes(self.body, list(declared.shape), declared.dtype)
@@ -98,29 +98,38 @@ class Reply:
             raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
 
     def declared_tensor(
+        self, expected_shape: ExpectedShape | None = None, **checks: Unpack[TensorChecks]
+    ) -> torch.Tensor:
+        """What `tensor` checks, without reading the body: the meta tensor its headers declare (`declared`
+        says what is checked). The body then holds exactly its bytes, little-endian and C-ordered, for a
+        caller that reads them in place."""
+        shape, dtype = self.declared(expected_shape, **checks)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def declared(
         self,
         expected_shape: ExpectedShape | None = None,
         *,
         dtype: torch.dtype | Literal["float"] | None = None,
         meaning: str | None = None,
         hint: str = PROTOCOL_HINT,
-    ) -> torch.Tensor:
-        """What `tensor` checks, without reading the body: the meta tensor its headers declare. The body
-        then holds exactly its bytes, little-endian and C-ordered, for a caller that reads them in place."""
+    ) -> tuple[list[int], torch.dtype]:
+        """`declared_tensor`'s checks, giving the shape and dtype: no torch operation runs, so receivers
+        may call it on a transfer thread (one still running while Python exits must not be in torch)."""
         try:
-            tensor = protocol.declared_response_tensor(self.body_length, self.headers)
+            shape, declared = protocol.declared_response(self.body_length, self.headers)
         except MALFORMED_TENSOR as exc:
             raise self.unexpected(f"with a bad tensor: {clip(str(exc))}") from None
-        shape, name = list(tensor.shape), protocol.dtype_name(tensor.dtype)
-        if not _fits(shape, expected_shape) or dtype not in (None, FLOAT, tensor.dtype):
+        name = protocol.dtype_name(declared)
+        if not _fits(shape, expected_shape) or dtype not in (None, FLOAT, declared):
             want = "any shape" if expected_shape is None else str(list(expected_shape))
             if isinstance(dtype, torch.dtype):
                 want += f" {protocol.dtype_name(dtype)}"
             protocol_terms = f"a tensor of shape {shape}, expected {want}"
             raise self._mismatch(f"it holds {shape} {name}", protocol_terms, meaning, hint)
-        if dtype == FLOAT and not tensor.is_floating_point():
+        if dtype == FLOAT and not declared.is_floating_point:
             raise self.unexpected(f"but it holds {name} values where floats were asked for", hint)
-        return tensor
+        return shape, declared
 
     def image(
         self,

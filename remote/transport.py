@@ -529,7 +529,15 @@ def send_one(
         # Every socket wait ends soon after the deadline, so an abandoned attempt does not linger.
         timeouts = (min(connect_timeout, left + 1.0), min(read_timeout, left + 1.0))
         exchange = _Exchange(
-            session, where, endpoint, wire.params, headers, wire.body, timeouts, limits, options.get("receiver")
+            session,
+            where,
+            endpoint,
+            wire.params,
+            headers,
+            wire.body,
+            timeouts,
+            limits,
+            options.get("receiver"),
         )
         asked = None
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from remote_vae.remote import frames
+from remote_vae.testing import natural
 
 from . import stub_servers
 from .stub_servers import Canned, Recorded, Stub
@@ -19,11 +20,8 @@ STATS = {"render_seconds": 0.001, "encode_seconds": 0.002, "encode_threads": 2}
 
 
 def natural_pixels(count: int, height: int, width: int) -> np.ndarray:
-    """uint8 [count,H,W,3] crops of a photograph that scikit-image ships (natural content compresses)."""
-    from skimage import data
-
-    photo = data.astronaut()
-    return np.stack([photo[i * 7 : i * 7 + height, i * 5 : i * 5 + width] for i in range(count)])
+    """uint8 [count,H,W,3] photographs (natural content compresses; remote_vae.testing.natural)."""
+    return natural.photos(count, height, width)
 
 
 def frames_body(pixels: np.ndarray, codec: frames.Codec = "jxl", stats: dict | None = None) -> bytes:

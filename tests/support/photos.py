@@ -1,5 +1,5 @@
-"""Natural pixels through the real server: scikit-image's bundled photographs, a pan over one of them,
-and a stand-in VAE that decodes any latent to those pixels (so real photographs travel, not noise)."""
+"""Natural pixels through the real server: remote_vae.testing.natural's photographs and pan-and-zoom clip,
+and a stand-in VAE that decodes any latent to them (so real photographs travel, not noise)."""
 
 from __future__ import annotations
 
@@ -11,39 +11,22 @@ import numpy as np
 import requests
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
-from skimage import data
 
 from remote_vae.local_server.app import Settings, create_app
 from remote_vae.local_server.registry import ModelRegistry, Tuning
 from remote_vae.remote.presets import PRESETS, Preset
+from remote_vae.testing import natural
 from support.serving import post_decode, serve
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def photos(height: int, width: int) -> np.ndarray:
-    """The bundled colour photographs, each cropped from its centre to height x width: [N,H,W,3] uint8."""
-    return np.stack([_crop(getattr(data, name)(), height, width) for name in PHOTOS])
+    """Four distinct photographs as [4,H,W,3] uint8 (remote_vae.testing.natural)."""
+    return natural.photos(4, height, width)
 
 
-def pan_clip(frames: int, height: int, width: int, step: int = 3) -> np.ndarray:
-    """`frames` views of scikit-image's retina photograph, each `step` pixels right and down of the last:
-    [F,H,W,3] uint8, a camera pan."""
-    retina = data.retina()
-    assert height + frames * step <= retina.shape[0] and width + frames * step <= retina.shape[1]
-    top, left = 300, 300  # inside the fundus, not its black surround
-    return np.stack(
-        [
-            retina[top + i * step : top + i * step + height, left + i * step : left + i * step + width]
-            for i in range(frames)
-        ]
-    )
-
-
-def _crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    assert top >= 0 and left >= 0, f"{image.shape} is smaller than {height}x{width}"
-    return image[top : top + height, left : left + width]
+def pan_clip(frames: int, height: int, width: int) -> np.ndarray:
+    """`frames` frames of a camera panning and zooming over a photograph: [F,H,W,3] uint8."""
+    return natural.clip(frames, height, width)
 
 
 class PhotoVAE(torch.nn.Module):

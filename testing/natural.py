@@ -1,7 +1,8 @@
-"""Natural pixels for the benchmarks: photographs that scikit-image ships, and a clip made from one of them.
+"""Natural pixels for tests and benchmarks: photographs that scikit-image ships, and a clip made from one.
 
 Random-weight decoders give noise, which no lossless codec compresses; real decoder output looks like
-photographs. So the transfer benchmarks send these (bench/models.py's natural stand-ins decode to them):
+photographs. So the codec tests and the transfer benchmarks send these (bench/models.py's natural
+stand-ins and the tests' photo VAE decode to them). scikit-image comes with the test extra:
 
 - `photos`: four distinct photographs (astronaut, coffee, rocket, immunohistochemistry), each centre-cropped
   to the aspect asked and resized (bicubic, antialiased) to it. At 1024x1024 they are upscaled 2-2.6x,
@@ -91,8 +92,3 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 arrays in dB (inf when equal)."""
     mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def max_error(a: np.ndarray, b: np.ndarray) -> int:
-    """The largest difference of two uint8 arrays, in 0..255."""
-    return int(np.max(np.maximum(a, b) - np.minimum(a, b), initial=0))
