@@ -235,7 +235,9 @@ class JobEndpoints:
         chosen = self.models.options.render_on_device
         return hosted.device.type == "cuda" if chosen is None else chosen
 
-    def _streamed(self, pixels: torch.Tensor, codec: Codec | None, request: Request, ex: Exchange) -> Response:
+    def _streamed(
+        self, pixels: torch.Tensor, codec: Codec | None, request: Request, ex: Exchange
+    ) -> Response:
         workers = self.models.workers
         streaming = answers.Streaming(
             workers.submit_cpu, workers.cpu_threads, request.state.deadline, self.limits.request_timeout, ex

@@ -150,7 +150,12 @@ def test_object_info_lists_our_nodes(comfy):
         assert node["input_order"]["required"][1:] == ["preset", "endpoint", "transfer", "timeout"]
         assert node["input_order"]["optional"] == ["vae"]
         assert node["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
-    assert info["RemoteVAEDecode"]["input"]["required"]["transfer"][0] == ["auto", "lossless", "exact", "compact"]
+    assert info["RemoteVAEDecode"]["input"]["required"]["transfer"][0] == [
+        "auto",
+        "lossless",
+        "exact",
+        "compact",
+    ]
     assert info["RemoteVideoDecode"]["input"]["required"]["preset"][0] == [
         "auto",
         "hunyuan_video",
