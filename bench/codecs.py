@@ -2,7 +2,7 @@
 
 For JPEG XL lossless at effort 1 (what the server's `jxl` sends), WebP lossless (method 0), QOI, PNG
 (level 1) and the server's near-lossless H.264 RGB (`frames.near_lossless_encode`, its error check
-included: what `h264rgb` costs the server), on bench/natural.py's photographs (4 x 1024x1024) and
+included: what `h264rgb` costs the server), on remote_vae/testing/natural.py's photographs (4 x 1024x1024) and
 pan-and-zoom clip (81 x 480x832): the bytes against raw uint8, CPU milliseconds per megapixel on each
 side with one thread (median of the runs), and the wall time per megapixel with the frames spread over
 `--threads` threads as the server and the client do it. Lossless rows are checked to decode to the same
@@ -246,7 +246,7 @@ def main() -> None:
     )
     table += ["", *break_even_lines(jxl, args.threads)]
     notes = (
-        "Photographs and clip from bench/natural.py (scikit-image's bundled photos, upscaled to 1024x1024; a "
+        "Photographs and clip from remote_vae/testing/natural.py (scikit-image's bundled photos, upscaled to 1024x1024; a "
         "bicubic pan and zoom over its retina photo). CPU ms is process CPU time of one thread doing every frame "
         "in turn (median of the runs); the wall columns spread frames (jxl, WebP, QOI, PNG) or 16-frame records "
         "(h264rgb) over a thread pool, each codec call single-threaded, as the server and the client do. "

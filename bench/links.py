@@ -2,7 +2,7 @@
 
 Links: loopback, 1 Gbit/s with 1 ms RTT and 100 Mbit/s with 20 ms RTT (bench/linkem.py: tc netem where
 the kernel has it, else its rate-limiting, delaying TCP proxy). The server (bench/serve.py) hosts the
-natural stand-ins of bench/models.py, whose output the server renders to bench/natural.py's pixels, so
+natural stand-ins of bench/models.py, whose output the server renders to remote_vae/testing/natural.py's pixels, so
 real photographs travel; every answer is compared with them. Through the node's own path
 (`nodes.operations.decode_latent`, as RemoteVAEDecode and Remote Video Decode run it with their default
 preset `auto`: the server describes its model, and latents go up in its dtype, bfloat16 by default here):
@@ -302,7 +302,7 @@ def main() -> None:
         f"Server: bench.serve with photo-standin (sd15) and wan-standin (wan21), {args.dtype} on CPU, {args.threads} "
         f"torch threads. Client: nodes.operations.decode_latent, preset auto, default chunking and parallelism. Median of "
         f"{args.repeats} runs per variant after one warm-up each, variants interleaved (rotated order); max error "
-        "and PSNR against bench/natural.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
+        "and PSNR against remote_vae/testing/natural.py's exact pixels, from the warm-up and the last run. Bytes are HTTP bodies "
         "(Transfer.bytes_sent/received); the floor is (up + down) / rate + RTT. " + " ".join(notes)
     )
     text += f" ({revision()})"

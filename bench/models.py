@@ -16,7 +16,7 @@ VAEDecode on the same weights, the in-process baseline.
   width 4 (its Conv3d has no fast CPU kernel).
 - `photo-standin` / `wan-standin`: not VAEs either. SD shapes (4 channels, /8) and Wan 2.1 shapes (16
   channels, /8 in space, /4 in time: 21 latent frames -> 81) whose output is natural content
-  (bench/natural.py) instead of smooth noise, so that lossless codecs meet what real decoders give. The
+  (remote_vae/testing/natural.py) instead of smooth noise, so that lossless codecs meet what real decoders give. The
   output values are chosen so that the server's uint8 rendering reproduces those pixels exactly: the
   benchmarks compare what arrives with them bit for bit. An image latent shows photograph
   `round(z[i,0,0,0]) mod 4` (`photo_latents` sets it), a video latent the pan-and-zoom clip.
@@ -77,7 +77,7 @@ class StandInDecoder(torch.nn.Module):
 
 
 class NaturalDecoder(torch.nn.Module):
-    """Decodes to bench/natural.py's photographs (images) or pan-and-zoom clip (video), as decoder output
+    """Decodes to remote_vae/testing/natural.py's photographs (images) or pan-and-zoom clip (video), as decoder output
     in [-1, 1] that the server renders back to exactly those uint8 pixels (`levels`).
 
     Its compute is GPU-like: a 1x1 projection of the latent (tiny) and one pass writing the output, the
