@@ -17,13 +17,13 @@ loopback server gets raw and any other one the codec.
 
 from __future__ import annotations
 
-import ipaddress
 import statistics
 import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from .tokens import is_loopback
 
 MARGIN = 0.85  # compress only when it is clearly faster: the estimates are rough
 HISTORY = 8  # transfers remembered per origin
@@ -114,16 +114,6 @@ def should_compress(link: Estimate, job: Job, client_threads: int, *, loopback: 
     if link.throughput is None:
         return not loopback
     return compressed_seconds(link, job, client_threads) < MARGIN * raw_seconds(link, job)
-
-
-def is_loopback(origin: str) -> bool:
-    host = urlsplit(origin).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class LinkBook:
