@@ -1,9 +1,9 @@
 """The link rule: raw uint8 pixels or lossless compressed frames, whichever arrives sooner from a server.
 
 Per server origin, from this client's own recent transfers (a bounded history; nothing is ever waited
-for): the throughput while receiving (body bytes / seconds from the first to the last body byte), the
-compressed/raw byte ratio seen, the server's encode CPU-seconds per megapixel (its end-record stats)
-and this client's decode CPU-seconds per megapixel. For a job of `frames` frames:
+for): the throughput while receiving (body bytes / seconds from the first to the last body byte, less
+this client's own work between reads), the compressed/raw byte ratio seen, the server's encode
+CPU-seconds per megapixel (its end-record stats) and this client's decode CPU-seconds per megapixel. For a job of `frames` frames:
 
     raw        = raw_bytes / T
     stages     = (raw_bytes * ratio / T,  mp * encode / server threads,  mp * decode / client threads)
@@ -40,7 +40,7 @@ class Sample:
 
     raw_bytes: int  # what the pixels take as uint8
     wire_bytes: int  # what came over the wire
-    receive_seconds: float  # first to last body byte
+    receive_seconds: float  # first to last body byte, less this client's own work between reads
     megapixels: float
     compressed: bool
     encode_seconds: float | None = None  # the server's CPU-seconds (compressed only)

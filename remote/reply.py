@@ -56,7 +56,7 @@ class Transfer:
     attempts: int
     server: str | None = None
     request_id: str | None = None
-    receive_seconds: float | None = None  # from the first to the last body byte of the answer taken
+    receive_seconds: float | None = None  # first to last body byte, less this client's own work between reads
     pixel_bytes: int | None = None  # a uint8 pixel answer: what its pixels take raw (set by the reader)
     codec: str | None = None  # ... and the codec that compressed them (None: raw)
 

@@ -224,7 +224,7 @@ class _Answer:
     bytes_sent: int
     bytes_received: int
     limits: ReplyLimits  # what the request can decode to: the Reply checks images against it
-    receive_seconds: float | None = None  # first to last body byte
+    receive_seconds: float | None = None  # first to last body byte, less the receiver's work between
     receiver: Any = None  # what took the body, when the caller gave a `receiver`
     length: int = 0  # of the (decoded) body, kept or not
 
@@ -305,6 +305,9 @@ class _Exchange:
         chunks: list[bytes] = []
         got = wire = 0
         first = last = None
+        # The receiver's own work between reads (converting, decoding) is not the link's: it is left out of
+        # the receive time, or a fast link would look as slow as this machine converts.
+        converting = converted = 0.0
         self.events.put(("progress", (total, total, 0, expected)))
         try:
             for chunk in _raw_chunks(response.raw):
@@ -332,7 +335,10 @@ class _Exchange:
                 if receiver is None:
                     chunks.append(decoded)
                 elif decoded:
+                    started = time.monotonic()
                     receiver.feed(decoded)
+                    converted += converting  # the previous chunk's work ran before this chunk was read
+                    converting = time.monotonic() - started
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise requests.ReadTimeout(str(exc)) from None
         except urllib3.exceptions.HTTPError as exc:
@@ -349,7 +355,7 @@ class _Exchange:
             bytes_sent=total,
             bytes_received=wire,
             limits=self.limits,
-            receive_seconds=None if first is None else last - first,
+            receive_seconds=None if first is None else max(0.0, last - first - converted),
             receiver=receiver,
             length=got,
         )

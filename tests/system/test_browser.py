@@ -609,13 +609,12 @@ def test_the_settings_entry_binds_a_token_and_never_shows_it(page, comfy, vae_se
     page.evaluate(  # the Remove button unbinds it
         """document.querySelector("#token-settings .remote-vae-token-origin button").click(); true"""
     )
-    assert (
-        page.wait_for(
-            """(document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "")
-             .startsWith("✓ token removed") && document.querySelector("#token-settings .remote-vae-token-list")
-             .textContent"""
-        )
-        == "No server has a token."
+    # The status is said first, then the list is fetched again: wait for both (waiting on the status alone
+    # read the list before its refresh on a loaded machine).
+    assert page.wait_for(
+        """(document.querySelector("#token-settings .remote-vae-token-status")?.textContent || "")
+         .startsWith("✓ token removed") && document.querySelector("#token-settings .remote-vae-token-list")
+         .textContent === "No server has a token." """
     )
     page.evaluate('document.querySelector("#token-settings").remove(); true')
 
