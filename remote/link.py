@@ -3,7 +3,8 @@
 Per server origin, from this client's own recent transfers (a bounded history; nothing is ever waited
 for): the throughput while receiving (body bytes / seconds from the first to the last body byte, less
 this client's own work between reads), the compressed/raw byte ratio seen, the server's encode
-CPU-seconds per megapixel (its end-record stats) and this client's decode CPU-seconds per megapixel. For a job of `frames` frames:
+CPU-seconds per megapixel (its end-record stats) and this client's decode CPU-seconds per megapixel.
+For a job of `frames` frames:
 
     raw        = raw_bytes / T
     stages     = (raw_bytes * ratio / T,  mp * encode / server threads,  mp * decode / client threads)
