@@ -6,6 +6,7 @@ this client's own work between reads), the compressed/raw byte ratio seen, the s
 CPU-seconds per megapixel (its end-record stats) and this client's decode CPU-seconds per megapixel.
 For a job of `frames` frames:
 
+    T          = median raw rate, at least the fastest compressed rate (encoding paces those)
     raw        = raw_bytes / T
     stages     = (raw_bytes * ratio / T,  mp * encode / server threads,  mp * decode / client threads)
     compressed = max(stages) + sum(stages) / frames     (several frames: pipelined, plus one frame's latency)
@@ -78,14 +79,22 @@ class Job:
 
 
 def estimate(samples: Sequence[Sample]) -> Estimate:
-    """The medians of what `samples` measured; the defaults for what none did."""
-    rates = [s.wire_bytes / s.receive_seconds for s in samples if _measures_rate(s)]
+    """The medians of what `samples` measured; the defaults for what none did.
+
+    The throughput is the median rate of raw transfers, but never less than the fastest compressed one:
+    a compressed answer can arrive no faster than the server encodes it, so its rate only bounds the
+    link from below (counted as the link's, a fast link would look as slow as the encoder, and keep
+    being compressed)."""
+    raw_rates = [_rate(s) for s in samples if not s.compressed and _measures_rate(s)]
+    packed_rates = [_rate(s) for s in samples if s.compressed and _measures_rate(s)]
+    at_least = max(packed_rates, default=0.0)
+    throughput = max(statistics.median(raw_rates) if raw_rates else 0.0, at_least) or None
     packed = [s for s in samples if s.compressed and s.raw_bytes > 0 and s.megapixels > 0]
     encoded = [s for s in packed if s.encode_seconds is not None]
     decoded = [s for s in packed if s.decode_seconds is not None]
     threads = [s.encode_threads for s in encoded if s.encode_threads]
     return Estimate(
-        throughput=statistics.median(rates) if rates else None,
+        throughput=throughput,
         ratio=_median([s.wire_bytes / s.raw_bytes for s in packed], DEFAULT_RATIO),
         encode_per_mp=_median([s.encode_seconds / s.megapixels for s in encoded], DEFAULT_ENCODE),  # type: ignore[operator]
         encode_threads=max(1, round(statistics.median(threads))) if threads else 1,
@@ -142,6 +151,10 @@ class LinkBook:
 
 
 LINKS = LinkBook()  # the process's own measurements
+
+
+def _rate(sample: Sample) -> float:
+    return sample.wire_bytes / sample.receive_seconds
 
 
 def _measures_rate(sample: Sample) -> bool:

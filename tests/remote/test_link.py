@@ -77,6 +77,23 @@ def test_estimate_takes_medians_of_what_was_measured():
     assert est.decode_per_mp == pytest.approx(0.025)
 
 
+def compressed_sample(rate: float) -> Sample:
+    return Sample(
+        3 * MP, MP, MP / rate, 1.0, True, encode_seconds=0.005, encode_threads=2, decode_seconds=0.03
+    )
+
+
+def test_compressed_transfers_bound_the_rate_from_below_only():
+    # Encode-paced compressed answers (30 MB/s) do not drag a measured fast link (200 MB/s) down ...
+    assert link.estimate([raw_sample(200e6), *[compressed_sample(30e6)] * 5]).throughput == pytest.approx(
+        200e6
+    )
+    # ... but one that arrived faster than the raw ones proves the link is at least that fast.
+    assert link.estimate([raw_sample(10e6), compressed_sample(50e6)]).throughput == pytest.approx(50e6)
+    # Compressed transfers alone: the fastest of them.
+    assert link.estimate([compressed_sample(2e6), compressed_sample(3e6)]).throughput == pytest.approx(3e6)
+
+
 def test_small_or_instant_bodies_do_not_measure_the_rate():
     tiny = Sample(30_000, 30_000, 0.001, 0.01, compressed=False)
     instant = Sample(3 * MP, 3 * MP, 0.0, 1.0, compressed=False)
