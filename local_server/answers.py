@@ -190,7 +190,7 @@ class Encoded:
 def frames_answer(x: torch.Tensor, codec: Codec, streaming: Streaming) -> StreamingResponse:
     """The uint8 answer as compressed frames (chunked: its size is known only at the end)."""
     pixels = Pixels(x)
-    records = list(frame_records(pixels.count, codec))
+    records = list(frames.record_spans(pixels.count, codec))
     threads = max(1, streaming.threads // len(records))  # a lone big image: every thread on it
     tasks = (functools.partial(_record, pixels, codec, first, count, threads) for first, count in records)
     headers = {
@@ -203,22 +203,11 @@ def frames_answer(x: torch.Tensor, codec: Codec, streaming: Streaming) -> Stream
     return StreamingResponse(_frames_body(tasks, pixels.count, streaming), headers=headers)
 
 
-def frame_records(count: int, codec: Codec) -> Iterator[tuple[int, int]]:
-    """(first frame, frames) of each record: one frame per jxl record, H264_FRAMES_PER_RECORD per
-    h264rgb record (the last one shorter)."""
-    step = 1 if codec == "jxl" else frames.H264_FRAMES_PER_RECORD
-    for first in range(0, count, step):
-        yield first, min(step, count - first)
-
-
 def _record(pixels: Pixels, codec: Codec, first: int, count: int, threads: int) -> Encoded:
     started = time.perf_counter()
     rendered = pixels.render(first, count)
     encoding = time.perf_counter()
-    if codec == "jxl":
-        payload = frames.encode(codec, rendered, threads=threads)
-    else:
-        payload = frames.near_lossless_encode(rendered, threads=threads)
+    payload = frames.encode(codec, rendered, threads=threads)
     done = time.perf_counter()
     # CPU-seconds as the threads given times the time taken: the codecs' own threads are not ours to time
     return Encoded(

@@ -284,14 +284,19 @@ def _origin(endpoint: str) -> str:
 
 
 def _read_image(reply: Reply, form: DecodeForm, preset: Preset, latent_shape: list[int]) -> torch.Tensor:
-    """The IMAGE of one reply; a pixel answer's measurements go to the link rule and its Transfer."""
+    """The IMAGE of one reply; a pixel answer's measurements go to its Transfer and, raw or lossless (what
+    `auto` chooses between), to the link rule: a near-lossless answer's rate is its encoder's, and its
+    costs are not the lossless codec's."""
     image = image_from_reply(reply, form.transfer, preset, latent_shape)
     if reply.receiver is None:
         return image
     received, transfer = reply.receiver.received, reply.transfer
     frames, height, width = image.shape[0], image.shape[1], image.shape[2]
     job = link.Job(frames, height, width)
+    transfer.pixel_bytes, transfer.codec = job.raw_bytes, received.codec
     lossless = received.codec in LOSSLESS_CODECS
+    if received.codec is not None and not lossless:
+        return image
     stats = received.server_stats or {}
     threads = stats.get("encode_threads")
     sample = link.Sample(
@@ -305,7 +310,6 @@ def _read_image(reply: Reply, form: DecodeForm, preset: Preset, latent_shape: li
         decode_seconds=received.decode_seconds if lossless else None,
     )
     link.LINKS.record(_origin(transfer.endpoint), sample)
-    transfer.pixel_bytes, transfer.codec = job.raw_bytes, received.codec
     return image
 
 

@@ -49,8 +49,17 @@ class FramesError(ValueError):
 # --------------------------------------------------------------------------- codecs
 
 
+def record_spans(count: int, codec: Codec) -> Iterator[tuple[int, int]]:
+    """(first frame, frames) of each record of `count` frames: one frame per jxl record,
+    H264_FRAMES_PER_RECORD per h264rgb record (the last one shorter)."""
+    step = 1 if codec == "jxl" else H264_FRAMES_PER_RECORD
+    for first in range(0, count, step):
+        yield first, min(step, count - first)
+
+
 def encode(codec: Codec, frames: np.ndarray, *, threads: int = 1) -> bytes:
-    """`frames` [n,H,W,3] uint8 as one record's payload (`jxl`: n must be 1)."""
+    """`frames` [n,H,W,3] uint8 as one record's payload (`jxl`: n must be 1; `h264rgb`: checked against
+    the bound, `near_lossless_encode`)."""
     if codec == "jxl":
         if frames.shape[0] != 1:
             raise ValueError(f"a jxl record holds one frame, not {frames.shape[0]}")
@@ -59,7 +68,7 @@ def encode(codec: Codec, frames: np.ndarray, *, threads: int = 1) -> bytes:
         return imagecodecs.jpegxl_encode(
             np.ascontiguousarray(frames[0]), lossless=True, effort=JXL_EFFORT, numthreads=threads
         )
-    return _h264_encode(frames, qp=H264_QP[0], threads=threads)
+    return near_lossless_encode(frames, threads=threads)
 
 
 def decode_into(codec: Codec, payload: bytes | memoryview, out: np.ndarray, *, threads: int = 1) -> None:

@@ -137,10 +137,13 @@ class LinkBook:
         with self._lock:
             self._samples.setdefault(origin, deque(maxlen=HISTORY)).append(sample)
 
-    def estimate(self, origin: str) -> Estimate:
+    def history(self, origin: str) -> list[Sample]:
+        """The samples kept for `origin`, oldest first."""
         with self._lock:
-            samples = list(self._samples.get(origin, ()))
-        return estimate(samples)
+            return list(self._samples.get(origin, ()))
+
+    def estimate(self, origin: str) -> Estimate:
+        return estimate(self.history(origin))
 
     def compress(self, origin: str, job: Job, client_threads: int) -> bool:
         return should_compress(self.estimate(origin), job, client_threads, loopback=is_loopback(origin))

@@ -140,6 +140,8 @@ def test_near_lossless_video_is_within_its_bound():
     error = (outcome.value * 255.0 - torch.from_numpy(VIDEO).float()).abs().max().item()
     assert error <= frames.NEAR_LOSSLESS_MAX_ERROR
     assert transfer_summary(None, outcome.transfers)["form"].startswith("h264rgb ")
+    # Its rate is its encoder's and its costs are not jxl's: the link rule learns nothing from it.
+    assert link.LINKS.history(stub.url.rstrip("/")) == []
 
 
 def test_near_lossless_needs_a_server_that_offers_it():

@@ -58,8 +58,8 @@ def test_bands_cover_the_answer_in_wire_order():
         (22, 22, slice(None)),
         (44, 7, slice(None)),
     ]
-    assert list(answers.frame_records(17, "h264rgb")) == [(0, 16), (16, 1)]
-    assert list(answers.frame_records(3, "jxl")) == [(0, 1), (1, 1), (2, 1)]
+    assert list(frames.record_spans(17, "h264rgb")) == [(0, 16), (16, 1)]
+    assert list(frames.record_spans(3, "jxl")) == [(0, 1), (1, 1), (2, 1)]
 
 
 def uint8_request(latent: torch.Tensor, codec: str | None = None) -> protocol.WireRequest:

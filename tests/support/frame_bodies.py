@@ -26,12 +26,10 @@ def natural_pixels(count: int, height: int, width: int) -> np.ndarray:
 
 def frames_body(pixels: np.ndarray, codec: frames.Codec = "jxl", stats: dict | None = None) -> bytes:
     """MAGIC, one record per jxl frame (h264rgb: per H264_FRAMES_PER_RECORD frames), the end record."""
-    step = 1 if codec == "jxl" else frames.H264_FRAMES_PER_RECORD
     parts = [frames.MAGIC]
-    for first in range(0, len(pixels), step):
-        chunk = pixels[first : first + step]
-        payload = frames.encode(codec, chunk) if codec == "jxl" else frames.near_lossless_encode(chunk)
-        parts += [frames.record_header(first, len(chunk), len(payload)), payload]
+    for first, count in frames.record_spans(len(pixels), codec):
+        payload = frames.encode(codec, pixels[first : first + count])
+        parts += [frames.record_header(first, count, len(payload)), payload]
     parts.append(frames.end_record(len(pixels), STATS if stats is None else stats))
     return b"".join(parts)
 
