@@ -117,19 +117,11 @@ def image_from_reply(
             hint=SAME_MODEL,
         )
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0).unsqueeze(0)
-    # Both forms are read in place from the body into one preallocated IMAGE, with the arithmetic of
-    # `uint8 / 255` and `clamp((y + 1) / 2)` in float32 (the same IEEE operations, so the same values).
-    if reply.receiver is not None:  # pixels converted as they arrived (`pixel_receiver`)
-        return torch.from_numpy(reply.receiver.target.array)
+    # uint8 pixels were checked and converted (`uint8 / 255` in float32) as they arrived (`pixel_receiver`);
+    # float output is read in place from the body into one preallocated IMAGE, with the arithmetic of
+    # `clamp((y + 1) / 2)` in float32 (the same IEEE operations, so the same values).
     if transfer in PIXEL_TRANSFERS:
-        want = [batch * frames, height, width, 3]
-        meaning = f"{decodes_to} {want} uint8 with preset {preset.name}"
-        reply.declared_tensor(want, dtype=torch.uint8, meaning=meaning, hint=SAME_MODEL)
-        image = torch.empty(want, dtype=torch.float32)
-        np.divide(
-            np.frombuffer(reply.body, dtype=np.uint8).reshape(want), np.float32(255.0), out=image.numpy()
-        )
-        return image
+        return torch.from_numpy(reply.receiver.target.array)
     want = [batch, 3, frames, height, width] if len(latent_shape) == 5 else [batch, 3, height, width]
     meaning = f"{decodes_to} {want} float with preset {preset.name}"
     declared = reply.declared_tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL)

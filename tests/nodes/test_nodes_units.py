@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -239,15 +240,22 @@ def _reply(tensor: torch.Tensor | None, body: bytes = b"") -> Reply:
     return Reply(body, headers, Transfer("http://h:8190/sd15", 200, 0, len(body), 0.0, 1))
 
 
+def _pixels_received(reply: Reply, preset, latent_shape: list[int]) -> torch.Tensor:
+    """The IMAGE of a uint8 reply taken as the node takes it: through its receiver, in chunks."""
+    receiver = convert.pixel_receiver(preset, latent_shape)(reply)
+    for start in range(0, len(reply.body), 1000):
+        receiver.feed(reply.body[start : start + 1000])
+    receiver.finish()
+    return convert.image_from_reply(replace(reply, receiver=receiver), "lossless", preset, latent_shape)
+
+
 def test_image_from_reply_layouts():
     sd15, wan = PRESETS["sd15"], PRESETS["wan21"]
     raw = torch.linspace(-1.5, 1.5, 2 * 3 * 16 * 8).reshape(2, 3, 16, 8)
     image = convert.image_from_reply(_reply(raw), "exact", sd15, [2, 4, 2, 1])
     assert torch.equal(image, image_of(raw))
     pixels = torch.randint(0, 256, (2, 16, 8, 3), dtype=torch.uint8)
-    assert torch.equal(
-        convert.image_from_reply(_reply(pixels), "lossless", sd15, [2, 4, 2, 1]), pixels / 255.0
-    )
+    assert torch.equal(_pixels_received(_reply(pixels), sd15, [2, 4, 2, 1]), pixels / 255.0)
     # video: [B,3,F,H,W] -> frames of video 0, then video 1
     video = torch.randn(1, 3, 5, 8, 16)
     frames = convert.image_from_reply(_reply(video), "exact", wan, [1, 16, 2, 1, 2])
@@ -263,10 +271,10 @@ def test_image_from_reply_gives_exactly_the_torch_formulas():
     sd15 = PRESETS["sd15"]
     every_byte = torch.arange(256, dtype=torch.uint8).repeat(3 * 2).view(2, 16, 16, 3)
     reply = _reply(every_byte)
-    image = convert.image_from_reply(reply, "lossless", sd15, [2, 4, 2, 2])
+    image = _pixels_received(reply, sd15, [2, 4, 2, 2])
     assert image.is_contiguous() and torch.equal(_bits(image), _bits(every_byte.float() / 255.0))
     image[:] = 0  # the IMAGE is ours to change: the reply's bytes were read in place, not handed out
-    assert torch.equal(convert.image_from_reply(reply, "lossless", sd15, [2, 4, 2, 2]), every_byte / 255.0)
+    assert torch.equal(_pixels_received(reply, sd15, [2, 4, 2, 2]), every_byte / 255.0)
     specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -1.0, 1.0, 1e-45, -1e-45, 3e38, -3e38]
     raw = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).mul(1.2)
     raw.view(-1)[: len(specials)] = torch.tensor(specials)
@@ -297,7 +305,7 @@ def test_image_from_reply_refuses_what_does_not_fit():
     ):
         convert.image_from_reply(_reply(torch.zeros(1, 3, 8, 8)), "exact", sd15, [1, 4, 2, 2])
     with pytest.raises(RemoteVAEError, match=r"decodes to \[1, 16, 16, 3\] uint8"):
-        convert.image_from_reply(_reply(torch.zeros(1, 16, 16, 3)), "lossless", sd15, [1, 4, 2, 2])
+        _pixels_received(_reply(torch.zeros(1, 16, 16, 3)), sd15, [1, 4, 2, 2])
     with pytest.raises(RemoteVAEError, match="it holds uint8 values where floats were asked for"):
         convert.image_from_reply(
             _reply(torch.zeros(1, 3, 16, 16, dtype=torch.uint8)), "exact", sd15, [1, 4, 2, 2]
