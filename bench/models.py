@@ -112,12 +112,15 @@ def photo_latents(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _natural(kind: str, index: int, frames: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Content as decoder output: [1,3,H,W] (a photograph) or [3,F,H,W] (the clip, unbatched) in `dtype`."""
+    """Content as decoder output: [1,3,H,W] (a photograph) or [3,F,H,W] (the clip, unbatched) in `dtype`,
+    laid out as a real decoder's last layer writes it (contiguous channels-first: indexing by the
+    channels-last pixels would keep their strides, and every pass over it would then be a strided one)."""
     if kind == "photo":
         pixels = torch.from_numpy(natural.photo(index, height, width)).permute(2, 0, 1)[None]
     else:
         pixels = torch.from_numpy(natural.clip(frames, height, width)).permute(3, 0, 1, 2)
-    return levels(dtype)[pixels.int()]  # int32 indices: half the scratch of int64 for a whole clip
+    indices = pixels.int().contiguous()  # int32: half the scratch of int64 for a whole clip
+    return levels(dtype)[indices]
 
 
 @functools.cache

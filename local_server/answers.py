@@ -2,10 +2,10 @@
 extension; docs/protocol.md, "Compressed frames").
 
 The answer is cut into pieces in wire order: bands of frames or rows of raw pixels, or records of
-frames (one frame for `jxl`, H264_FRAMES_PER_RECORD for `h264rgb`). Each piece is rendered (and
-encoded) on the server's CPU pool, up to one more piece than the pool has threads ahead of the one
-being sent, and sent as soon as it is ready, so rendering, encoding and sending overlap. The codecs
-and the render release the GIL, so the pieces run in parallel.
+frames (`frames.record_spans`). Each piece is rendered (and encoded) on the server's CPU pool, up to
+one more piece than the pool has threads ahead of the one being sent, and sent as soon as it is
+ready, so rendering, encoding and sending overlap. The codecs and the render release the GIL, so the
+pieces run in parallel.
 
 Once the status line is sent nothing can change it: a piece that fails, or a deadline that passes,
 ends the answer early (the request log aborts the connection; the client sees a short body). A client
@@ -190,7 +190,7 @@ class Encoded:
 def frames_answer(x: torch.Tensor, codec: Codec, streaming: Streaming) -> StreamingResponse:
     """The uint8 answer as compressed frames (chunked: its size is known only at the end)."""
     pixels = Pixels(x)
-    records = list(frames.record_spans(pixels.count, codec))
+    records = list(frames.record_spans(pixels.count, codec, streaming.threads))
     threads = max(1, streaming.threads // len(records))  # a lone big image: every thread on it
     tasks = (functools.partial(_record, pixels, codec, first, count, threads) for first, count in records)
     headers = {

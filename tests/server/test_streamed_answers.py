@@ -58,8 +58,23 @@ def test_bands_cover_the_answer_in_wire_order():
         (22, 22, slice(None)),
         (44, 7, slice(None)),
     ]
-    assert list(frames.record_spans(17, "h264rgb")) == [(0, 16), (16, 1)]
-    assert list(frames.record_spans(3, "jxl")) == [(0, 1), (1, 1), (2, 1)]
+    assert list(frames.record_spans(3, "jxl", threads=2)) == [(0, 1), (1, 1), (2, 1)]
+
+
+def test_h264_records_are_balanced_over_the_encoding_threads():
+    def sizes(count: int, threads: int) -> list[int]:
+        spans = list(frames.record_spans(count, "h264rgb", threads))
+        assert [first for first, _ in spans] == [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+        return [n for _, n in spans]
+
+    assert sizes(17, 1) == [9, 8]  # at most 16 a record, not 16 then 1
+    assert sizes(81, 1) == [14, 14, 14, 13, 13, 13]
+    assert sizes(81, 2) == [14, 14, 14, 13, 13, 13]  # 3 rounds of 2, none idle
+    assert sizes(33, 2) == [9, 8, 8, 8]  # 3 records would leave a thread idle in the 2nd round
+    assert sizes(81, 16) == [8] * 4 + [7] * 7  # more threads than 8-frame records: one per 8 frames
+    assert sizes(16, 4) == [8, 8]
+    assert sizes(5, 2) == [5]
+    assert sizes(0, 2) == []
 
 
 def uint8_request(latent: torch.Tensor, codec: str | None = None) -> protocol.WireRequest:
