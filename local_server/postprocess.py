@@ -174,15 +174,18 @@ def to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Decoder output -> uint8 NHWC frames, exactly as `uint8_reference` computes them.
 
-    On the CPU in one gather: every float16 value has one answer, so each channel is read from a
-    65536-entry table by its float16 bit patterns straight into its NHWC slots, in bands of rows on
-    torch's intra-op thread count (numpy releases the GIL), as torch's own passes would run.
+    On the CPU in one gather: every float16 (or bfloat16) value has one answer, so each channel is read
+    from a 65536-entry table by its 16-bit patterns straight into its NHWC slots, in bands of rows on
+    torch's intra-op thread count (numpy releases the GIL), as torch's own passes would run. float32 is
+    rounded to float16 first, as the formula does.
     """
     if x.device.type != "cpu":
         return uint8_reference(x)
-    bits = x.half().view(torch.int16).numpy().view(np.uint16)  # [B,C,H,W] or [B,C,F,H,W]
+    if x.dtype not in HALF_DTYPES:
+        x = x.half()
+    bits = x.view(torch.int16).numpy().view(np.uint16)  # [B,C,H,W] or [B,C,F,H,W]
     pixels = np.empty((*bits.shape[:1], *bits.shape[2:], bits.shape[1]), dtype=np.uint8)  # channels last
-    table = _uint8_table()
+    table = _uint8_table(x.dtype)
 
     def gather(rows: slice) -> None:
         for channel in range(bits.shape[1]):
@@ -231,11 +234,15 @@ def uint8_reference(x: torch.Tensor) -> torch.Tensor:
     return (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # 16-bit floats: a table of every bit pattern each
+
+
 @functools.cache
-def _uint8_table() -> np.ndarray:
-    """`uint8_reference` of every float16 bit pattern, indexed by the pattern as an unsigned integer."""
-    every_half = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    return uint8_reference(every_half.view(1, 1, 1, -1)).flatten().numpy()
+def _uint8_table(dtype: torch.dtype) -> np.ndarray:
+    """`uint8_reference` of every bit pattern of a 16-bit `dtype`, indexed by the pattern as an unsigned
+    integer (bfloat16: its rounding to float16 included, so no conversion pass is needed)."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return uint8_reference(every.view(1, 1, 1, -1)).flatten().numpy()
 
 
 def encode_image(pixels: np.ndarray, image_format: str, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:

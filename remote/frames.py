@@ -15,9 +15,12 @@ pixels and sends none whose error exceeds NEAR_LOSSLESS_MAX_ERROR.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -102,14 +105,12 @@ def decode_into(codec: Codec, payload: bytes | memoryview, out: np.ndarray, *, t
 
 def near_lossless_encode(frames: np.ndarray, *, threads: int = 1) -> bytes:
     """`frames` as h264rgb within NEAR_LOSSLESS_MAX_ERROR of the exact pixels: each quantiser of H264_QP
-    is tried until the decoded record is within the bound (qp 0 is lossless)."""
-    check = np.empty_like(frames)
+    is tried until the record, as a decoder gives it back, is within the bound (qp 0 is lossless)."""
     for qp in H264_QP:
-        payload = _h264_encode(frames, qp=qp, threads=threads)
         if qp == 0:
-            return payload
-        _h264_decode_into(payload, check, threads)
-        if max_error(check, frames) <= NEAR_LOSSLESS_MAX_ERROR:
+            return _h264_encode(frames, qp=0, threads=threads)
+        payload, error = _h264_encode_checked(frames, qp, threads)
+        if error <= NEAR_LOSSLESS_MAX_ERROR:
             return payload
     raise AssertionError("unreachable: qp 0 is lossless")
 
@@ -118,12 +119,33 @@ def max_error(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.max(np.maximum(a, b) - np.minimum(a, b), initial=0))
 
 
-def _h264_encode(frames: np.ndarray, *, qp: int, threads: int) -> bytes:
+def _h264_encode_checked(frames: np.ndarray, qp: int, threads: int) -> tuple[bytes, int]:
+    """The record at `qp` and its largest error as decoded. The encoder's own reconstruction (x264's
+    dump-yuv: the frames any conforming decoder gives back, bit for bit) costs half of decoding the
+    record; where x264 could not write it all (a full scratch directory), the record is decoded."""
+    with _scratch_file() as path:
+        payload = _h264_encode(frames, qp=qp, threads=threads, dump=path)
+        planes = _reconstruction(path, frames.shape) if path is not None else None
+    if planes is not None:
+        return payload, _planar_error(planes, frames)
+    decoded = np.empty_like(frames)
+    _h264_decode_into(payload, decoded, threads)
+    return payload, max_error(decoded, frames)
+
+
+RGB_PLANES = (2, 0, 1)  # libx264rgb's planes are G, B, R: the plane holding R, G and B in turn
+SCRATCH_DIRS = ("/dev/shm",)  # where x264 writes its reconstruction, the first that is writable (else TMPDIR)
+
+
+def _h264_encode(frames: np.ndarray, *, qp: int, threads: int, dump: str | None = None) -> bytes:
     import av  # only the near-lossless path needs PyAV
 
+    options = {"preset": "ultrafast", "qp": str(qp)}
+    if dump is not None:
+        options["x264-params"] = f"dump-yuv={dump}"
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="h264") as container:
-        stream = container.add_stream("libx264rgb", rate=24, options={"preset": "ultrafast", "qp": str(qp)})
+        stream = container.add_stream("libx264rgb", rate=24, options=options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "rgb24"
         stream.thread_count = threads
@@ -133,6 +155,29 @@ def _h264_encode(frames: np.ndarray, *, qp: int, threads: int) -> bytes:
             )
         container.mux(stream.encode())
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _scratch_file() -> Iterator[str | None]:
+    """A new empty file for x264 to write to, removed afterwards: in memory (/dev/shm) where there is one.
+    None where its path cannot go into x264's options (they are separated by ':')."""
+    where = next((d for d in SCRATCH_DIRS if os.path.isdir(d) and os.access(d, os.W_OK)), None)
+    handle, path = tempfile.mkstemp(prefix="remote-vae-", suffix=".gbr", dir=where)
+    os.close(handle)
+    try:
+        yield None if ":" in path else path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _reconstruction(path: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The planar [n,3,H,W] frames x264 wrote to `path`; None unless it wrote them all (a full disk)."""
+    count, height, width, channels = shape
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size != count * channels * height * width:
+        return None
+    return data.reshape(count, channels, height, width)
 
 
 def _h264_decode_into(payload: bytes, out: np.ndarray, threads: int) -> None:
@@ -152,6 +197,13 @@ def _h264_decode_into(payload: bytes, out: np.ndarray, threads: int) -> None:
             count += 1
     if count != out.shape[0]:
         raise FramesError(f"an h264rgb record holds {count} frames where {out.shape[0]} were declared")
+
+
+def _planar_error(planes: np.ndarray, frames: np.ndarray) -> int:
+    rgb = np.empty_like(frames)
+    for channel, plane in enumerate(RGB_PLANES):
+        rgb[..., channel] = planes[:, plane]
+    return max_error(rgb, frames)
 
 
 def _shape(out: np.ndarray) -> str:

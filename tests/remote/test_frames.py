@@ -7,6 +7,7 @@ import pytest
 
 from remote_vae.remote import frames
 from remote_vae.remote.frames import FramesError, RecordReader
+from support import photos
 
 H, W = 24, 40
 
@@ -167,6 +168,45 @@ def test_near_lossless_falls_back_to_a_lower_quantiser_when_a_record_exceeds_the
     back = np.empty_like(noise)
     frames.decode_into("h264rgb", payload, back)
     assert 0 < frames.max_error(back, noise) <= frames.NEAR_LOSSLESS_MAX_ERROR
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 40), (2, 17, 33), (5, 64, 96)])
+def test_the_encoders_reconstruction_is_what_a_decoder_gives(shape, tmp_path):
+    """The check reads x264's own reconstruction instead of decoding: bit for bit what FFmpeg's decoder
+    gives back, odd sizes included, on photographs and on noise."""
+    count, height, width = shape
+    noise = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for content in (photos.pan_clip(count, height, width), noise):
+        dump = str(tmp_path / "recon.gbr")
+        payload = frames._h264_encode(content, qp=14, threads=1, dump=dump)
+        planes = frames._reconstruction(dump, content.shape)
+        assert planes is not None and planes.shape == (count, 3, height, width)
+        decoded = np.empty_like(content)
+        frames.decode_into("h264rgb", payload, decoded)
+        rebuilt = np.stack([planes[:, p] for p in frames.RGB_PLANES], axis=-1)
+        assert np.array_equal(rebuilt, decoded)
+        assert frames._h264_encode_checked(content, 14, 1) == (payload, frames.max_error(decoded, content))
+
+
+def test_a_short_reconstruction_is_not_used(tmp_path):
+    """A scratch directory that filled up leaves a short file: the record is then decoded instead."""
+    short = tmp_path / "short.gbr"
+    short.write_bytes(bytes(2 * 3 * H * W - 1))
+    assert frames._reconstruction(str(short), (2, H, W, 3)) is None
+
+
+def test_without_a_usable_scratch_path_the_record_is_decoded(monkeypatch, tmp_path):
+    """A path x264's options cannot carry (':' separates them) is never handed to it."""
+    odd = tmp_path / "a:b"
+    odd.mkdir()
+    monkeypatch.setattr(frames, "SCRATCH_DIRS", (str(odd),))
+    content = photos.pan_clip(3, H, W)
+    payload, error = frames._h264_encode_checked(content, 14, 1)
+    assert payload == frames._h264_encode(content, qp=14, threads=1)
+    decoded = np.empty_like(content)
+    frames.decode_into("h264rgb", payload, decoded)
+    assert error == frames.max_error(decoded, content)
+    assert list(odd.iterdir()) == []  # the scratch file was made there, unused, and removed
 
 
 def test_near_lossless_ends_lossless():

@@ -15,16 +15,19 @@ def formula(x: torch.Tensor) -> torch.Tensor:
     return (unit.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def every_float16(channels: int = 3) -> torch.Tensor:
-    """[1,channels,256,256]: each channel holds all 65536 float16 bit patterns (NaNs, infinities,
+def every_float16(channels: int = 3, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """[1,channels,256,256]: each channel holds all 65536 bit patterns of a 16-bit float (NaNs, infinities,
     subnormals and -0 included), in a different order per channel."""
     patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
-    planes = [patterns.roll(4099 * c).view(torch.float16) for c in range(channels)]
+    planes = [patterns.roll(4099 * c).view(dtype) for c in range(channels)]
     return torch.stack(planes).view(1, channels, 256, 256)
 
 
-def test_table_path_matches_the_formula_for_every_float16():
-    x = every_float16()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_table_path_matches_the_formula_for_every_16_bit_pattern(dtype):
+    """bfloat16 has its own table (its rounding to float16 built in): every pattern, NaN and values
+    beyond float16's range included, gives what the formula gives."""
+    x = every_float16(dtype=dtype)
     got = postprocess.to_uint8(x)
     assert got.dtype == torch.uint8 and got.is_contiguous() and list(got.shape) == [1, 256, 256, 3]
     assert torch.equal(got, formula(x))
@@ -47,8 +50,9 @@ def test_video_frames_come_first_in_the_same_gather():
     assert torch.equal(got, formula(frames))
 
 
-def test_non_contiguous_and_other_channel_counts():
-    x = every_float16(4)[:, :, ::2, 1::3]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_non_contiguous_and_other_channel_counts(dtype):
+    x = every_float16(4, dtype)[:, :, ::2, 1::3]
     assert not x.is_contiguous()
     assert torch.equal(postprocess.to_uint8(x), formula(x))
 

@@ -25,7 +25,7 @@ def natural_pixels(count: int, height: int, width: int) -> np.ndarray:
 
 
 def frames_body(pixels: np.ndarray, codec: frames.Codec = "jxl", stats: dict | None = None) -> bytes:
-    """MAGIC, one record per jxl frame (h264rgb: per H264_FRAMES_PER_RECORD frames), the end record."""
+    """MAGIC, the records `frames.record_spans` cuts the frames into, the end record."""
     parts = [frames.MAGIC]
     for first, count in frames.record_spans(len(pixels), codec):
         payload = frames.encode(codec, pixels[first : first + count])
