@@ -42,7 +42,7 @@ from .metrics import Metrics, server_metrics
 from .postprocess import UINT8, OutputSpec, PixelCheck
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
-from .uploads import UploadLimits, read_body
+from .uploads import UploadLimits, body_encoding, check_packed_length, offered_encodings, read_body, unpacked
 
 log = logging.getLogger("remote_vae.server")
 
@@ -53,7 +53,7 @@ RESERVED_NAMES = frozenset({"predict", "health", "ready", "v1", "metrics", "deco
 @dataclass
 class Settings:
     """Server-wide policy: limits, how fast bodies must arrive, the bearer token (None: no auth), CORS
-    origins, metrics, the codecs offered for compressed answers."""
+    origins, metrics, the codecs offered for compressed answers and the content codings of packed uploads."""
 
     limits: Limits = field(default_factory=Limits)
     uploads: UploadLimits = field(default_factory=UploadLimits)
@@ -61,6 +61,7 @@ class Settings:
     cors_origins: Sequence[str] = ()
     metrics: Metrics = field(default_factory=server_metrics)
     codecs: tuple[Codec, ...] = field(default_factory=answers.offered_codecs)
+    upload_encodings: tuple[str, ...] = field(default_factory=offered_encodings)
 
 
 def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starlette:
@@ -80,6 +81,7 @@ def create_app(models: ModelRegistry, settings: Settings | None = None) -> Starl
                 "default": models.names[0] if models.names else None,
                 "models": [m.describe() for m in models.models()],
                 "codecs": list(settings.codecs),
+                "upload_encodings": list(settings.upload_encodings),
             }
         )
 
@@ -170,6 +172,7 @@ class JobEndpoints:
         self.uploads = settings.uploads
         self.admission = Admission(settings.limits.max_in_flight, settings.metrics)
         self.codecs = settings.codecs
+        self.upload_encodings = settings.upload_encodings
         self.jobs = JobRunner(models)
         self._before_body = {"decode": self._check_decode_query, "encode": self._check_encode_query}
         self._answers = {"decode": self._decode, "encode": self._encode}
@@ -198,9 +201,12 @@ class JobEndpoints:
         hosted = self.models.get(request.path_params.get("model") or self.models.default_name)
         op = op or protocol.operation_for(request.headers.get("content-type"))
         ex.model, ex.op = hosted.name, op
+        encoding = body_encoding(request, self.upload_encodings)
         self._before_body[op](hosted, request)  # every limit the query decides, before the body is read
         body = await read_body(request, self.limits, self.uploads)  # before a slot: a slow upload holds none
         ex.bytes_in = len(body)
+        if encoding is not None:  # the declared tensor's size passed the limits before it was read
+            body = await self.models.workers.on_cpu(unpacked, request, body)
         with self.admission.slot():
             return await until_client_leaves(request, self._answers[op](hosted, request, body, ex))
 
@@ -356,8 +362,12 @@ def nbytes(tensor: torch.Tensor) -> int:
 def check_declared_length(request: Request, declared: torch.Tensor) -> None:
     """A Content-Length that cannot match the declared tensor is refused before the body is read."""
     length = request.headers.get("content-length", "")
-    if length.isdigit():
+    if not length.isdigit():
+        return
+    if request.headers.get("content-encoding", "").strip().lower() in ("", "identity"):
         protocol.check_body_length(int(length), list(declared.shape), declared.dtype)
+    else:  # a packed body (body_encoding allowed its coding)
+        check_packed_length(int(length), declared)
 
 
 async def until_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:

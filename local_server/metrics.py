@@ -122,7 +122,9 @@ def server_metrics() -> Metrics:
     r.histogram("remote_vae_queue_seconds", "Time a request waited for a device worker.", ("model", "op"))
     r.histogram("remote_vae_compute_seconds", "Time on the device (decode or encode).", ("model", "op"))
     r.histogram(
-        "remote_vae_render_seconds", "Time spent rendering the response (JPEG/PNG/mp4/raw).", ("model", "op")
+        "remote_vae_render_seconds",
+        "Time spent rendering the response (JPEG/PNG/mp4/raw), summed over the threads that rendered its parts.",
+        ("model", "op"),
     )
     r.histogram(
         "remote_vae_encode_seconds",

@@ -1,9 +1,12 @@
-"""Reading a request's body: within the size limit, and fast enough.
+"""Reading a request's body: within the size limit, fast enough, and unpacked where it came compressed.
 
 A job request's body is read before it takes an admission slot (`limits.Admission`), so a client that
 uploads slowly holds a connection but never a slot that others' work needs; and the body must keep
 coming: no pause longer than `idle_timeout`, and after `grace` seconds an average of `min_rate` bytes/s
 since the request began. Either failure is a 408 that says how fast the server needs it.
+
+A tensor body may come packed (our content coding, `remote/planes.py`); it is unpacked into exactly the
+bytes its declared shape and dtype take, which the size limit already allowed before it was read.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import torch
 from starlette.requests import ClientDisconnect, Request
 
+from ..remote import planes, protocol
+from ..remote.protocol import ProtocolError
 from .errors import ClientClosed, ServerError
 from .limits import Limits
 
@@ -22,6 +28,12 @@ class UploadTooSlow(ServerError):
     whole request's deadline, a 504)."""
 
     status = 408
+
+
+class UnsupportedEncoding(ServerError):
+    """A Content-Encoding this server does not decode."""
+
+    status = 415
 
 
 @dataclass(frozen=True)
@@ -73,3 +85,51 @@ async def read_body(request: Request, limits: Limits, upload: UploadLimits) -> b
         size += len(chunk)
         limits.check_body(size)
         chunks.append(chunk)
+
+
+# --------------------------------------------------------------------------- packed bodies
+
+
+def offered_encodings() -> tuple[str, ...]:
+    """The content codings this server unpacks (GET /v1/models lists them as "upload_encodings")."""
+    return (planes.ENCODING,) if planes.available() else ()
+
+
+def body_encoding(request: Request, offered: tuple[str, ...]) -> str | None:
+    """The request's Content-Encoding (None: the body is sent as it is), refused before the body is read
+    unless this server unpacks it and the body is a tensor's."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in offered:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not one this server unpacks; send the body as it is"
+            + (f" or packed as {', '.join(offered)} (GET /v1/models: upload_encodings)" if offered else "")
+        )
+    if "dtype" not in request.query_params:
+        raise ProtocolError(
+            f"Content-Encoding {encoding} packs tensor bodies (shape and dtype in the query); "
+            "send an image file as it is"
+        )
+    return encoding
+
+
+def check_packed_length(length: int, declared: torch.Tensor) -> None:
+    """A packed body is sent only where it is smaller than the tensor it packs."""
+    nbytes = protocol.expected_nbytes(list(declared.shape), declared.dtype)
+    if length >= nbytes:
+        raise ProtocolError(
+            f"a {planes.ENCODING} body of {length} bytes is no smaller than the {nbytes} bytes of shape "
+            f"{list(declared.shape)} with dtype {protocol.dtype_name(declared.dtype)}; send it as it is"
+        )
+
+
+def unpacked(request: Request, body: bytes) -> bytearray:
+    """The tensor bytes a packed body holds (ProtocolError unless exactly those the query declares)."""
+    declared = protocol.declared_tensor(protocol.parse_query(request.query_params.multi_items()))
+    check_packed_length(len(body), declared)
+    nbytes = protocol.expected_nbytes(list(declared.shape), declared.dtype)
+    try:
+        return planes.unpack(body, nbytes, declared.dtype.itemsize)
+    except planes.PlanesError as exc:
+        raise ProtocolError(str(exc)) from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..remote import protocol
+from ..remote import planes, protocol
 from ..remote.frames import Codec
 from ..remote.presets import Preset
 from ..remote.receiving import ReceiverFactory, Target, receiver_for
@@ -38,6 +38,7 @@ class DecodeForm:
     transfer: TransferMode
     codec: Codec | None = None  # uint8 frames compressed by this codec (auto, near-lossless)
     upload: protocol.FloatDtype | None = None  # the latent sent in the dtype the server's model runs in
+    packed: bool = False  # the latent sent packed (remote/planes.py), where that makes it smaller
 
     @property
     def pixels(self) -> bool:
@@ -73,13 +74,14 @@ def decode_request(
         latent = latent.float()
     plain = extensions(tile_size=tile_size)
     if form.pixels:
-        return protocol.build_decode_request(
+        wire = protocol.build_decode_request(
             latent,
             output_type="pt",
             partial_postprocess=True,
             do_scaling=False,
             extensions=extensions(tile_size=tile_size, codec=form.codec),
         )
+        return planes.packed(wire, latent.element_size()) if form.packed else wire
     if transfer == "exact":
         return protocol.build_decode_request(
             latent,

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from ..remote import link, protocol
+from ..remote import link, planes, protocol
 from ..remote.catalog import describe_model, known_model
 from ..remote.errors import RemoteVAECancelled, RemoteVAEError
 from ..remote.frames import LOSSLESS_CODECS, Codec
@@ -245,7 +245,8 @@ def decode_latent(samples: torch.Tensor, request: NodeRequest, run: RunOptions =
 def decode_form(request: NodeRequest, conn: Connection, job: link.Job) -> DecodeForm:
     """What `auto` and `near-lossless` resolve to for this run: raw uint8 where the link rule (remote/link.py)
     says compressing is a loss or the servers do not offer the codec (Hugging Face endpoints never get
-    one), else the codec; and the server model's dtype for the upload when known."""
+    one), else the codec; and the server model's dtype for the upload when known, packed where the
+    servers unpack it and the link rule says it pays."""
     transfer = request.transfer
     endpoints = split_endpoints(conn.url)
     plain = DecodeForm(transfer, upload=request.upload)
@@ -259,14 +260,17 @@ def decode_form(request: NodeRequest, conn: Connection, job: link.Job) -> Decode
     timeout = min(CONNECT_TIMEOUT, float(conn.timeout))
     models = [known_model(e, tokens=conn.tokens, timeout=timeout) for e in endpoints]
     upload = request.upload or next((m.dtype for m in models if m is not None), None)
+    packed = all(
+        m is not None and planes.ENCODING in m.upload_encodings for m in models
+    ) and link.LINKS.pack_upload(_origin(endpoints[0]))
     if all(m is not None and codec in m.codecs for m in models):
-        return DecodeForm(transfer, codec, upload)
+        return DecodeForm(transfer, codec, upload, packed)
     if transfer == "near-lossless":
         for endpoint, model in zip(endpoints, models):
             if model is None:  # the look-up failed: say why (a server that is down: the fallback runs)
                 describe_model(endpoint, tokens=conn.tokens, timeout=timeout)
         raise NodeInputError(_no_codec(conn.url, codec))
-    return DecodeForm(transfer, upload=upload)
+    return DecodeForm(transfer, upload=upload, packed=packed)
 
 
 def _no_codec(url: str, codec: Codec) -> str:

@@ -52,6 +52,7 @@ class ServerModel:
     still_image: bool = False  # video-shaped latents of one frame, each one image
     dtype: FloatDtype | None = None  # what the model runs in: latents sent in it change nothing
     codecs: tuple[Codec, ...] = ()  # what its server can compress frames with (frames.CODECS)
+    upload_encodings: tuple[str, ...] = ()  # the content codings its server unpacks (planes.ENCODING)
 
     def preset(self) -> Preset:
         """The geometry as a preset row (no scaling factors: the nodes send raw latents)."""
@@ -142,9 +143,11 @@ def _describe_one(url: str, tokens: TokenStore, timeout: float) -> ServerModel:
     wanted = name if name is not None else listing.get("default")
     codecs = listing.get("codecs")
     offered = tuple(c for c in CODECS if isinstance(codecs, list) and c in codecs)
+    encodings = listing.get("upload_encodings")
+    unpacks = tuple(e for e in encodings if isinstance(e, str)) if isinstance(encodings, list) else ()
     for entry in models:
         if isinstance(entry, dict) and entry.get("name") == wanted:
-            return replace(_server_model(entry, base), codecs=offered)
+            return replace(_server_model(entry, base), codecs=offered, upload_encodings=unpacks)
     hosted = ", ".join(f"/{m.get('name')}" for m in models if isinstance(m, dict)) or "none"
     what = f"model {wanted!r} is not hosted there" if wanted else "no default model is hosted there"
     raise RemoteVAEError(

@@ -15,6 +15,10 @@ For a job of `frames` frames:
 
 Before any measurement the bench's figures stand in (DEFAULT_*); with the throughput unknown, a
 loopback server gets raw and any other one the codec.
+
+The upload is packed (remote/planes.py) below UPLOAD_BREAK_EVEN: packing and unpacking a latent cost
+~6 ms per MB on the two sides together and save ~0.3 of its bytes (bfloat16), a gain below ~47 MB/s.
+Home links upload slower than they download, so the download rate measured errs on the safe side.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ HISTORY = 8  # transfers remembered per origin
 DEFAULT_RATIO = 0.3  # JPEG XL lossless effort 1 on photographs: ~0.29x raw
 DEFAULT_ENCODE = 0.005  # server CPU-seconds per megapixel (effort 1: ~4 ms/MP)
 DEFAULT_DECODE = 0.025  # client CPU-seconds per megapixel (~23 ms/MP on one thread)
+UPLOAD_BREAK_EVEN = 40e6  # bytes per second under which a packed upload arrives sooner
 MIN_SAMPLE_BYTES = 64 << 10  # smaller bodies arrive in a few packets: their rate says little
 MEGA = 1e6
 
@@ -126,6 +131,13 @@ def should_compress(link: Estimate, job: Job, client_threads: int, *, loopback: 
     return compressed_seconds(link, job, client_threads) < MARGIN * raw_seconds(link, job)
 
 
+def should_pack_upload(link: Estimate, *, loopback: bool) -> bool:
+    """Whether packing the upload pays on this link (see the module docstring)."""
+    if link.throughput is None:
+        return not loopback
+    return link.throughput < UPLOAD_BREAK_EVEN
+
+
 class LinkBook:
     """Recent samples per origin (thread-safe; each history bounded to HISTORY)."""
 
@@ -147,6 +159,9 @@ class LinkBook:
 
     def compress(self, origin: str, job: Job, client_threads: int) -> bool:
         return should_compress(self.estimate(origin), job, client_threads, loopback=is_loopback(origin))
+
+    def pack_upload(self, origin: str) -> bool:
+        return should_pack_upload(self.estimate(origin), loopback=is_loopback(origin))
 
     def forget(self) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from remote_vae.nodes.convert import DecodeForm
 from remote_vae.nodes.operations import Connection, NodeRequest, RunOptions
 from remote_vae.nodes.resolve import NodeInputError
 from remote_vae.nodes.ui_events import transfer_summary
-from remote_vae.remote import catalog, frames, link
+from remote_vae.remote import catalog, frames, link, planes, protocol
 from support import frame_bodies, throttle
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,6 +74,30 @@ def test_auto_picks_jxl_on_a_slow_link_with_the_same_image():
     assert estimate.throughput is not None and estimate.throughput < 4 * SLOW
 
 
+def encodings_sent(stub) -> list[str | None]:
+    return [
+        {k.lower(): v for k, v in r.headers}.get("content-encoding")
+        for r in stub.requests
+        if r.method == "POST"
+    ]
+
+
+def test_auto_packs_the_upload_on_a_slow_link_to_a_server_that_unpacks_it():
+    latent = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    with (
+        frame_bodies.pixel_server(PIXELS, dtype="bfloat16", upload_encodings=(planes.ENCODING,)) as stub,
+        throttle.throttled(port_of(stub.url), SLOW) as url,
+    ):
+        first = decode(url, samples=latent)  # loopback, nothing measured yet: sent as it is
+        second = decode(url, samples=latent)  # measured at ~2 MB/s: packed
+    assert encodings_sent(stub) == [None, planes.ENCODING]
+    posts = [r for r in stub.requests if r.method == "POST"]
+    sent = protocol.tensor_to_bytes(latent.to(torch.bfloat16))
+    assert bytes(planes.unpack(posts[1].body, len(sent), 2)) == sent
+    assert second.transfers[0].bytes_sent == len(posts[1].body) < len(sent)
+    assert torch.equal(first.value, EXPECTED) and torch.equal(second.value, EXPECTED)
+
+
 def test_auto_keeps_raw_on_a_fast_link_without_asking_the_server():
     # The fast link is loopback itself: a Python proxy in between would be the slowest part on a loaded
     # CI machine (~100 MB/s, near the break-even), not the link. 2.8 MB bodies: the rate is measured.
@@ -95,6 +119,7 @@ def test_auto_sends_no_codec_to_a_server_that_does_not_list_it():
     ):
         outcomes = [decode(url) for _ in range(3)]
     assert codecs_asked(stub) == [None, None, None]
+    assert encodings_sent(stub) == [None, None, None]  # its listing names no upload encoding
     assert listings_asked(stub) == 1  # looked up once, then remembered
     assert all(torch.equal(o.value, EXPECTED) for o in outcomes)
 

@@ -31,8 +31,12 @@ OLD_SD15 = {"name": "sd15", "preset": {"name": "sd15", "latent_channels": 4, "di
                                        "temporal_compression": 1}}  # fmt: skip
 
 
-def listing(*models: dict, default: str | None = None) -> Canned:
-    body = {"default": default if default is not None else models[0]["name"], "models": list(models)}
+def listing(*models: dict, default: str | None = None, **server) -> Canned:
+    body = {
+        "default": default if default is not None else models[0]["name"],
+        "models": list(models),
+        **server,
+    }
     return Canned(200, [("Content-Type", "application/json")], json.dumps(body).encode())
 
 
@@ -73,6 +77,22 @@ def test_geometry_is_read_from_the_model_list():
         8,
     )
     assert preset.frames_for(2) == 5 and not preset.uses_mean_std  # raw latents: no scaling factors
+
+
+@pytest.mark.parametrize(
+    ("server", "codecs", "encodings"),
+    [
+        ({}, (), ()),  # a server from before the extensions
+        ({"codecs": ["h264rgb", "png", "jxl"], "upload_encodings": ["x-remote-vae-zstd-planes", "br"]},
+         ("jxl", "h264rgb"), ("x-remote-vae-zstd-planes", "br")),
+        ({"codecs": "jxl", "upload_encodings": "x-remote-vae-zstd-planes"}, (), ()),  # not lists: nothing
+        ({"upload_encodings": [1, None, "x-remote-vae-zstd-planes"]}, (), ("x-remote-vae-zstd-planes",)),
+    ],
+)  # fmt: skip
+def test_what_the_server_compresses_and_unpacks_is_read_from_the_list(server, codecs, encodings):
+    with stub_servers.recorder(listing(WAN, **server)) as stub:
+        wan = describe_model(stub.url + "wan_2.1_vae", tokens=TokenStore())
+    assert (wan.codecs, wan.upload_encodings) == (codecs, encodings)
 
 
 def test_a_model_the_server_does_not_host_is_named_with_the_hosted_ones():

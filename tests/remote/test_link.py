@@ -100,6 +100,20 @@ def test_small_or_instant_bodies_do_not_measure_the_rate():
     assert link.estimate([tiny, instant]).throughput is None
 
 
+def test_the_upload_is_packed_below_its_break_even():
+    assert link.should_pack_upload(Estimate(), loopback=True) is False  # nothing measured: as for frames
+    assert link.should_pack_upload(Estimate(), loopback=False) is True
+    below, at = link.UPLOAD_BREAK_EVEN * 0.99, link.UPLOAD_BREAK_EVEN
+    assert link.should_pack_upload(Estimate(throughput=below), loopback=True) is True
+    assert link.should_pack_upload(Estimate(throughput=at), loopback=False) is False
+    book = LinkBook()
+    book.record("http://127.0.0.1:9", raw_sample(12.5e6))  # a 100 Mbit/s link, through a local proxy
+    book.record("http://10.0.0.5:9", raw_sample(1.25e8))  # 1 Gbit/s
+    assert book.pack_upload("http://127.0.0.1:9") is True
+    assert book.pack_upload("http://10.0.0.5:9") is False
+    assert book.pack_upload("http://10.0.0.6:9") is True
+
+
 def test_loopback_origins():
     assert link.is_loopback("http://127.0.0.1:8190")
     assert link.is_loopback("http://localhost:8190")

@@ -53,10 +53,17 @@ WAN21 = {"dims": "video", "latent_channels": 16, "spatial_compression": 8, "temp
 
 
 def model_list(
-    codecs: list[str], dtype: str = "float32", name: str = "sd15", geometry: dict = SD15
+    codecs: list[str],
+    dtype: str = "float32",
+    name: str = "sd15",
+    geometry: dict = SD15,
+    upload_encodings: tuple[str, ...] = (),
 ) -> Canned:
     entry = {"name": name, "backend": "diffusers", "dtype": dtype, "geometry": geometry}
-    body = json.dumps({"models": [entry], "default": name, "codecs": codecs}).encode()
+    listing = {"models": [entry], "default": name, "codecs": codecs}
+    if upload_encodings:
+        listing["upload_encodings"] = list(upload_encodings)
+    body = json.dumps(listing).encode()
     return Canned(200, [("Content-Type", "application/json")], body)
 
 
@@ -68,10 +75,13 @@ def pixel_server(
     dtype: str = "float32",
     corrupt: bool = False,
     video: bool = False,
+    upload_encodings: tuple[str, ...] = (),
 ) -> Iterator[Stub]:
-    """A stub sd15 (`video`: wan21) server: its model list offers `codecs`, its model runs in `dtype`; a
-    decode answers `pixels`, compressed when the request asks for a codec it offers (`corrupt`: damaged)."""
-    listing = model_list(list(codecs), dtype, *(("wan21", WAN21) if video else ("sd15", SD15)))
+    """A stub sd15 (`video`: wan21) server: its model list offers `codecs` (and `upload_encodings`), its
+    model runs in `dtype`; a decode answers `pixels`, compressed when the request asks for a codec it
+    offers (`corrupt`: damaged)."""
+    model = ("wan21", WAN21) if video else ("sd15", SD15)
+    listing = model_list(list(codecs), dtype, *model, upload_encodings=upload_encodings)
     bodies = {codec: frames_body(pixels, codec) for codec in codecs}
     if corrupt:
         bodies = {codec: damaged(body) for codec, body in bodies.items()}
