@@ -250,7 +250,8 @@ def main() -> None:
         "bicubic pan and zoom over its retina photo). CPU ms is process CPU time of one thread doing every frame "
         "in turn (median of the runs); the wall columns spread frames (jxl, WebP, QOI, PNG) or 16-frame records "
         "(h264rgb) over a thread pool, each codec call single-threaded, as the server and the client do. "
-        "h264rgb's encode includes the server's decode-and-compare check (and any re-encode at a lower qp)."
+        "h264rgb's encode includes the server's check (x264's own reconstruction compared with the frames) "
+        "and any re-encode at a lower qp."
     )
     notes += f" ({revision()})"
     if args.quick:

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 import torch
 
+from remote_vae.remote.transport import CHUNK  # the most the client's transport hands a receiver at once
+
 from .common import Server, default_threads, median, metric_total, metrics, record_as_module, revision
 from .models import build, comfy_decode
 from .results import markdown_table, record
@@ -28,7 +30,6 @@ from .results import markdown_table, record
 TARGET = 1.05
 FIXED_MS, RENDER_MS, REPLY_MS = 10.0, 5.0, 3.0  # issue 12, at (or per) 1024x1024
 ONE_K = 1024 * 1024
-CHUNK = 1 << 16  # what the client's transport hands a receiver at a time
 
 
 def server_means(before: dict | None, after: dict | None) -> list[str]:

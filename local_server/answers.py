@@ -146,7 +146,7 @@ def raw_answer(x: torch.Tensor, streaming: Streaming) -> StreamingResponse:
 
 def raw_bands(shape: tuple[int, int, int, int]) -> Iterator[tuple[int, int, slice]]:
     """(first frame, frames, rows) of each band in wire order: whole frames when they are small,
-    bands of rows of one frame when they are large."""
+    bands of rows of one frame (of equal height, about BAND_BYTES each) when they are large."""
     count, height, width, channels = shape
     frame_bytes = height * width * channels
     if frame_bytes < BAND_BYTES:
@@ -154,10 +154,11 @@ def raw_bands(shape: tuple[int, int, int, int]) -> Iterator[tuple[int, int, slic
         for first in range(0, count, step):
             yield first, min(step, count - first), slice(None)
         return
-    rows = max(1, BAND_BYTES // (width * channels))
+    bands = min(height, -(-frame_bytes // BAND_BYTES))  # of equal height: no sliver of a last band
+    edges = [height * band // bands for band in range(bands + 1)]
     for frame in range(count):
-        for top in range(0, height, rows):
-            yield frame, 1, slice(top, top + rows)
+        for top, bottom in zip(edges, edges[1:]):
+            yield frame, 1, slice(top, bottom)
 
 
 def _band(pixels: Pixels, first: int, count: int, rows: slice) -> tuple[memoryview, float]:

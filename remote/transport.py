@@ -62,7 +62,7 @@ RETRY_STATUSES = frozenset({408, 429, 503})
 # and failed or ran out of its own time, and a retry would run it again. 500 is never retried.
 PROXY_RETRY_STATUSES = frozenset({502, 504})
 MAX_ERROR_BODY = 1 << 20  # read at most this much of an error page
-CHUNK = 1 << 16
+CHUNK = 1 << 18  # the most one read hands a receiver (each read costs Python work: fewer on a fast link)
 # The Content-Encodings requests' Accept-Encoding asks for (diffusers sends the same header), with their
 # zlib window: undone here with a bound, never inflated whole. Any other encoding is refused.
 ACCEPTED_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}

@@ -52,7 +52,13 @@ def test_raw_answer_is_todays_body_byte_for_byte(vae, preset, latent):
 
 
 def test_bands_cover_the_answer_in_wire_order():
-    assert list(answers.raw_bands((1, 640, 640, 3))) == [(0, 1, slice(0, 546)), (0, 1, slice(546, 1092))]
+    assert list(answers.raw_bands((1, 640, 640, 3))) == [(0, 1, slice(0, 320)), (0, 1, slice(320, 640))]
+    assert list(answers.raw_bands((2, 1024, 1024, 3)))[:4] == [  # 3 MiB frames: thirds, no sliver of a row
+        (0, 1, slice(0, 341)),
+        (0, 1, slice(341, 682)),
+        (0, 1, slice(682, 1024)),
+        (1, 1, slice(0, 341)),
+    ]
     assert list(answers.raw_bands((51, 96, 160, 3))) == [
         (0, 22, slice(None)),
         (22, 22, slice(None)),
@@ -141,13 +147,13 @@ def until_closed(url: str, model: str, latent: torch.Tensor) -> RawAnswer:
 
 
 def test_raw_answer_failing_mid_stream_is_a_short_body(monkeypatch, caplog):
-    monkeypatch.setattr(answers.Pixels, "render", render_failing_at(0, top=546))
+    monkeypatch.setattr(answers.Pixels, "render", render_failing_at(0, top=320))  # the second band
     with hosting_photos(PhotoVAE(pan_clip(1, 640, 640)), SD15) as url, caplog.at_level(logging.ERROR):
         answer = until_closed(url, "sd15", torch.zeros(1, 4, 80, 80))
         assert requests.get(url + "/health", timeout=10).status_code == 200
     assert answer.status == 200  # sent before the failure
-    assert len(answer.body) == 546 * 640 * 3 < int(answer.headers["content-length"]) == 640 * 640 * 3
-    with pytest.raises(protocol.ProtocolError, match=r"^body has 1048320 bytes but shape \[1, 640, 640, 3\]"):
+    assert len(answer.body) == 320 * 640 * 3 < int(answer.headers["content-length"]) == 640 * 640 * 3
+    with pytest.raises(protocol.ProtocolError, match=r"^body has 614400 bytes but shape \[1, 640, 640, 3\]"):
         protocol.parse_tensor_response(answer.body, answer.headers)
     assert "connection aborted" in caplog.text and "render exploded" in caplog.text
 
