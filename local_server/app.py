@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from starlette.applications import Starlette
@@ -43,6 +43,8 @@ from .postprocess import UINT8, OutputSpec, PixelCheck
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
 from .uploads import UploadLimits, body_encoding, check_packed_length, offered_encodings, read_body, unpacked
+
+T = TypeVar("T")
 
 log = logging.getLogger("remote_vae.server")
 
@@ -218,14 +220,16 @@ class JobEndpoints:
         check_declared_length(request, req.tensor)
 
     async def _decode(self, hosted: HostedModel, request: Request, body: bytes, ex: Exchange) -> Response:
-        # Parsing copies the body and scans it for NaN: CPU work for the pool, not the event loop.
+        # Parsing copies the body and scans it for NaN, the scaling check runs over the latent: CPU work
+        # for the pool, not the event loop, unless the latent is small (then a hop costs more than it).
         on_cpu = self.models.workers.on_cpu
-        req = await on_cpu(
+        check = on_cpu if len(body) > INLINE_BYTES else _inline
+        req = await check(
             protocol.parse_decode_request, request.query_params.multi_items(), request.headers, body
         )
         ex.shape = list(req.tensor.shape)
         latent, spec = self._checked_decode(hosted, req)
-        await on_cpu(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
+        await check(check_scaling, latent, req.scaling, self._factors(hosted), hosted.preset)
         on_device = spec.kind in postprocess.PIXEL_KINDS and self._renders_on_device(hosted)
         out_dtype = torch.uint8 if on_device else spec.device_dtype
         job = Job(DECODE, hosted, req.scaling, out_dtype, JobOptions.from_extensions(req.extensions))
@@ -357,6 +361,13 @@ class JobEndpoints:
 
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.nelement() * tensor.element_size()
+
+
+INLINE_BYTES = 1 << 20  # latents up to this size are parsed and checked on the event loop (<= ~0.5 ms)
+
+
+async def _inline(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
 
 
 def check_declared_length(request: Request, declared: torch.Tensor) -> None:

@@ -102,6 +102,20 @@ def test_a_packed_body_no_smaller_than_the_tensor(url):
     )
 
 
+def test_a_chunked_packed_body_no_smaller_than_the_tensor(url):
+    """Without a Content-Length the size is checked once the body has arrived."""
+    wire = decode_wire(latent())
+    response = requests.post(
+        url,
+        params=wire.params,
+        headers={**wire.headers, "Content-Encoding": ENCODING},
+        data=iter([wire.body[:8192], wire.body[8192:]]),  # a generator: sent chunked
+        timeout=60,
+    )
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert error_of(response, 400).startswith(f"a {ENCODING} body of 16384 bytes is no smaller than")
+
+
 def test_a_packed_body_that_is_not_zstd(url):
     wire = decode_wire(latent())
     response = post(
