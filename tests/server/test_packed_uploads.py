@@ -82,24 +82,31 @@ def test_a_server_that_does_not_unpack(vae):
     assert message == f"Content-Encoding '{ENCODING}' is not one this server unpacks; send the body as it is"
 
 
-def test_an_image_file_is_never_packed(url):
+def png_wire() -> protocol.WireRequest:
     image = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 30)).save(image, format="PNG")
-    wire = protocol.build_encode_request(image.getvalue())
-    response = post(url, wire, headers={"Content-Encoding": ENCODING})
-    assert error_of(response, 400) == (
-        f"Content-Encoding {ENCODING} packs tensor bodies (shape and dtype in the query); "
-        "send an image file as it is"
-    )
+    return protocol.build_encode_request(image.getvalue())
 
 
-def test_a_packed_body_no_smaller_than_the_tensor(url):
-    wire = decode_wire(latent())
-    response = post(url, wire, headers={"Content-Encoding": ENCODING})
-    assert error_of(response, 400) == (
-        f"a {ENCODING} body of 16384 bytes is no smaller than the 16384 bytes of shape [1, 4, 32, 32] with "
-        "dtype float32; send it as it is"
-    )
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        pytest.param(
+            png_wire(),
+            f"Content-Encoding {ENCODING} packs tensor bodies (shape and dtype in the query); "
+            "send an image file as it is",
+            id="an image file is never packed",
+        ),
+        pytest.param(
+            decode_wire(latent()),
+            f"a {ENCODING} body of 16384 bytes is no smaller than the 16384 bytes of shape [1, 4, 32, 32] with "
+            "dtype float32; send it as it is",
+            id="a packed body no smaller than its tensor",
+        ),
+    ],
+)
+def test_refused_from_the_headers(url, wire, message):
+    assert error_of(post(url, wire, headers={"Content-Encoding": ENCODING}), 400) == message
 
 
 def test_a_chunked_packed_body_no_smaller_than_the_tensor(url):
