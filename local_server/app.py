@@ -42,7 +42,15 @@ from .metrics import Metrics, server_metrics
 from .postprocess import UINT8, OutputSpec, PixelCheck
 from .registry import HostedModel, ModelRegistry
 from .request_log import Exchange, RequestLog
-from .uploads import UploadLimits, body_encoding, check_packed_length, offered_encodings, read_body, unpacked
+from .uploads import (
+    UploadLimits,
+    body_encoding,
+    check_packed_length,
+    content_encoding,
+    offered_encodings,
+    read_body,
+    unpacked,
+)
 
 T = TypeVar("T")
 
@@ -375,7 +383,7 @@ def check_declared_length(request: Request, declared: torch.Tensor) -> None:
     length = request.headers.get("content-length", "")
     if not length.isdigit():
         return
-    if request.headers.get("content-encoding", "").strip().lower() in ("", "identity"):
+    if content_encoding(request) is None:
         protocol.check_body_length(int(length), list(declared.shape), declared.dtype)
     else:  # a packed body (body_encoding allowed its coding)
         check_packed_length(int(length), declared)

@@ -95,11 +95,17 @@ def offered_encodings() -> tuple[str, ...]:
     return (planes.ENCODING,) if planes.available() else ()
 
 
+def content_encoding(request: Request) -> str | None:
+    """The request's Content-Encoding, normalised (None: the body is sent as it is)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    return None if encoding in ("", "identity") else encoding
+
+
 def body_encoding(request: Request, offered: tuple[str, ...]) -> str | None:
     """The request's Content-Encoding (None: the body is sent as it is), refused before the body is read
     unless this server unpacks it and the body is a tensor's."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if encoding in ("", "identity"):
+    encoding = content_encoding(request)
+    if encoding is None:
         return None
     if encoding not in offered:
         raise UnsupportedEncoding(

@@ -17,7 +17,7 @@ import torch
 from ..remote import planes, protocol
 from ..remote.frames import Codec
 from ..remote.presets import Preset
-from ..remote.receiving import ReceiverFactory, Target, receiver_for
+from ..remote.receiving import ReceiverFactory, Target, received_frames, receiver_for
 from ..remote.reply import FLOAT, Reply
 from .choices import PIXEL_TRANSFERS, TransferMode
 
@@ -123,7 +123,7 @@ def image_from_reply(
     # float output is read in place from the body into one preallocated IMAGE, with the arithmetic of
     # `clamp((y + 1) / 2)` in float32 (the same IEEE operations, so the same values).
     if transfer in PIXEL_TRANSFERS:
-        return torch.from_numpy(reply.receiver.target.array)
+        return received_frames(reply)
     want = [batch, 3, frames, height, width] if len(latent_shape) == 5 else [batch, 3, height, width]
     meaning = f"{decodes_to} {want} float with preset {preset.name}"
     declared = reply.declared_tensor(want, dtype=FLOAT, meaning=meaning, hint=SAME_MODEL)

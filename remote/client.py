@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import protocol
 from .errors import RemoteVAECancelled, RemoteVAEError, RemoteVAETimeout
-from .receiving import Target, receiver_for, uint8_frames
+from .receiving import Target, received_frames, receiver_for
 from .reply import Reply, Transfer
 from .sending import send
 from .transport import TransportOptions
@@ -171,7 +171,7 @@ def remote_decode(  # noqa: PLR0913 - diffusers' positional signature, kept for 
         options["receiver"] = receiver_for(lambda shape: Target(np.empty(shape, dtype=np.uint8)), want)
     reply = send(endpoint, wire, **options)
     if reply.receiver is not None:
-        frames = uint8_frames(reply)
+        frames = received_frames(reply)
         if return_type == "pt":
             return frames
         images = [Image.fromarray(frame) for frame in frames.numpy()]

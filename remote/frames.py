@@ -16,6 +16,7 @@ pixels and sends none whose error exceeds NEAR_LOSSLESS_MAX_ERROR.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -161,14 +162,19 @@ def _h264_encode(frames: np.ndarray, *, qp: int, threads: int, dump: str | None 
 def _scratch_file() -> Iterator[str | None]:
     """A new empty file for x264 to write to, removed afterwards: in memory (/dev/shm) where there is one.
     None where its path cannot go into x264's options (they are separated by ':')."""
-    where = next((d for d in SCRATCH_DIRS if os.path.isdir(d) and os.access(d, os.W_OK)), None)
-    handle, path = tempfile.mkstemp(prefix="remote-vae-", suffix=".gbr", dir=where)
+    handle, path = tempfile.mkstemp(prefix="remote-vae-", suffix=".gbr", dir=_scratch_dir(SCRATCH_DIRS))
     os.close(handle)
     try:
         yield None if ":" in path else path
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+@functools.cache
+def _scratch_dir(candidates: tuple[str, ...]) -> str | None:
+    """The first writable directory of `candidates` (None: the system's temporary one), looked up once."""
+    return next((d for d in candidates if os.path.isdir(d) and os.access(d, os.W_OK)), None)
 
 
 def _reconstruction(path: str, shape: tuple[int, ...]) -> np.ndarray | None:

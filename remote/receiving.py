@@ -234,6 +234,6 @@ def _declared_length(head: Reply, compressed: bool) -> int:
         return 0  # declared_tensor says what is wrong
 
 
-def uint8_frames(reply: Reply) -> torch.Tensor:
-    """The uint8 [N,H,W,3] tensor a receiver made from `reply` (see `receiver_for`)."""
+def received_frames(reply: Reply) -> torch.Tensor:
+    """The [N,H,W,3] frames a receiver made from `reply` (see `receiver_for`), in its Target's dtype."""
     return torch.from_numpy(reply.receiver.target.array)
