@@ -84,7 +84,9 @@ class Stub:
 
 def tensor_answer(tensor: torch.Tensor, extra: list[tuple[str, str]] | None = None) -> Canned:
     body, headers = protocol.tensor_response(tensor)
-    return Canned(200, list(headers.items()) + (extra or []), body)
+    # bytes, not the tensor's own memory: the stub's daemon threads may drop the last reference while Python
+    # exits, and a torch tensor freed then aborts the process (its C++ frame cannot be unwound)
+    return Canned(200, list(headers.items()) + (extra or []), bytes(body))
 
 
 def json_error(
