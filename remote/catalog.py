@@ -84,11 +84,14 @@ def describe_model(endpoint: str, *, tokens: TokenStore | None = None, timeout: 
     failures: list[RemoteVAEError] = []
     for one in split_endpoints(endpoint):
         try:
-            return _describe_one(one, tokens or TokenStore.load(), timeout)
+            model = _describe_one(one, tokens or TokenStore.load(), timeout)
         except RemoteVAEError as exc:
             if exc.status is not None and not exc.retryable:
                 raise  # the server answered: another one hosting the same model would say the same
             failures.append(exc)
+            continue
+        _remember(one, model, KNOWN_FOR)  # what `known_model` would ask for next in the same run
+        return model
     if not failures:
         raise RemoteVAEError(
             repr(endpoint), "names no server", hint="enter a URL such as http://127.0.0.1:8190/sd15"
@@ -109,19 +112,23 @@ def known_model(
     endpoint: str, *, tokens: TokenStore | None = None, timeout: float = 10.0
 ) -> ServerModel | None:
     """`describe_model`, reused for KNOWN_FOR seconds per endpoint; None where it fails (a Hugging Face
-    endpoint or another server has no model list; one that cannot be reached says so when used)."""
-    now = time.monotonic()
+    endpoint or another server has no model list; one that cannot be reached says so when used). A
+    `describe_model` of the same endpoint counts as a look-up: a run that described it asks once."""
     with _known_lock:
         cached = _known.get(endpoint)
-    if cached is not None and cached[0] > now:
+    if cached is not None and cached[0] > time.monotonic():
         return cached[1]
     try:
         model: ServerModel | None = describe_model(endpoint, tokens=tokens, timeout=timeout)
     except RemoteVAEError:
         model = None
-    with _known_lock:
-        _known[endpoint] = (now + (KNOWN_FOR if model else UNKNOWN_FOR), model)
+    _remember(endpoint, model, KNOWN_FOR if model else UNKNOWN_FOR)
     return model
+
+
+def _remember(endpoint: str, model: ServerModel | None, seconds: float) -> None:
+    with _known_lock:
+        _known[endpoint] = (time.monotonic() + seconds, model)
 
 
 def forget_known_models() -> None:

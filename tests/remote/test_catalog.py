@@ -95,6 +95,19 @@ def test_what_the_server_compresses_and_unpacks_is_read_from_the_list(server, co
     assert (wan.codecs, wan.upload_encodings) == (codecs, encodings)
 
 
+def test_a_described_model_is_known_without_asking_again():
+    """A node run describes its server (preset auto), then asks what the server offers: one request."""
+    catalog.forget_known_models()
+    try:
+        with stub_servers.recorder(listing(WAN, codecs=["jxl"])) as stub:
+            described = describe_model(stub.url + "wan_2.1_vae", tokens=TokenStore())
+            known = catalog.known_model(stub.url + "wan_2.1_vae", tokens=TokenStore())
+        assert known == described and known.codecs == ("jxl",)
+        assert [r.path for r in stub.requests] == ["/v1/models"]
+    finally:
+        catalog.forget_known_models()
+
+
 def test_a_model_the_server_does_not_host_is_named_with_the_hosted_ones():
     with stub_servers.recorder(listing(OLD_SD15, WAN)) as stub, pytest.raises(RemoteVAEError) as caught:
         describe_model(stub.url + "flux", tokens=TokenStore())
