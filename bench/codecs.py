@@ -27,7 +27,7 @@ import numpy as np
 from remote_vae.remote import frames
 from remote_vae.testing import natural
 
-from .common import median, record_as_module, revision
+from .common import QUICK_NATURAL_HELP, median, natural_shapes, record_as_module, revision
 from .results import markdown_table, record
 
 MEGA = 1e6
@@ -200,15 +200,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=min(4, os.cpu_count() or 1), help="threads for the wall rows"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 photos of 256x256, 17 frames of 128x208, 1 run"
-    )
+    parser.add_argument("--quick", action="store_true", help=QUICK_NATURAL_HELP)
     args = parser.parse_args()
     record_as_module("bench.codecs")
     if args.quick:
         args.repeats = 1
-    images = natural.photos(*((2, 256, 256) if args.quick else (4, 1024, 1024)))
-    clip = natural.clip(*((17, 128, 208) if args.quick else (81, 480, 832)))
+    photos, clip_shape = natural_shapes(args.quick)
+    images, clip = natural.photos(*photos), natural.clip(*clip_shape)
     contents = {f"{len(images)} photos {images.shape[1]}x{images.shape[2]}": images}
     contents[f"clip {len(clip)}x{clip.shape[1]}x{clip.shape[2]}"] = clip
     rows, jxl = [], {}

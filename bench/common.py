@@ -155,6 +155,18 @@ def mib(n_bytes: float) -> float:
     return n_bytes / (1 << 20)
 
 
+# Issue 12's natural content: 4 photographs of 1024x1024 and one 81x480x832 clip (Wan 2.1's shapes);
+# a --quick smoke run sends 2 of 256x256 and 17x128x208.
+PHOTOS, QUICK_PHOTOS = (4, 1024, 1024), (2, 256, 256)
+CLIP, QUICK_CLIP = (81, 480, 832), (17, 128, 208)
+QUICK_NATURAL_HELP = "smoke run: 2 images of 256x256, 17 frames of 128x208, 1 run"
+
+
+def natural_shapes(quick: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(count, height, width) of the photographs and (frames, height, width) of the clip."""
+    return (QUICK_PHOTOS, QUICK_CLIP) if quick else (PHOTOS, CLIP)
+
+
 def record_as_module(module: str) -> None:
     """Make `results.record` write the command as it is typed: `python -m bench.NAME ...`, not a file path."""
     sys.argv[:1] = ["-m", module]

@@ -33,7 +33,16 @@ import torch
 from remote_vae.remote import frames
 from remote_vae.testing import natural
 
-from .common import Server, default_threads, median, mib, record_as_module, revision
+from .common import (
+    QUICK_NATURAL_HELP,
+    Server,
+    default_threads,
+    median,
+    mib,
+    natural_shapes,
+    record_as_module,
+    revision,
+)
 from .linkem import NetemLink, ProxyLink, netem_problem
 from .models import photo_latents
 from .results import markdown_table, record
@@ -93,8 +102,7 @@ class Runs:
 
 
 def cases(quick: bool) -> list[Case]:
-    count, size = (2, 256) if quick else (4, 1024)
-    frames, height, width = (17, 128, 208) if quick else (81, 480, 832)
+    (count, size, _), (frames, height, width) = natural_shapes(quick)
     latent_frames = (frames - 1) // 4 + 1
     video = torch.randn(
         1, 16, latent_frames, height // 8, width // 8, generator=torch.Generator().manual_seed(1)
@@ -247,9 +255,7 @@ def main() -> None:
         "most GPU servers run; the stand-ins render the same pixels in every dtype)",
     )
     parser.add_argument("--proxy", action="store_true", help="use the TCP proxy even where netem works")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 images of 256x256, 17 frames of 128x208, 1 run"
-    )
+    parser.add_argument("--quick", action="store_true", help=QUICK_NATURAL_HELP)
     args = parser.parse_args()
     record_as_module("bench.links")
     if args.quick:
