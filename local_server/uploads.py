@@ -97,8 +97,8 @@ def offered_encodings() -> tuple[str, ...]:
 
 def content_encoding(request: Request) -> str | None:
     """The request's Content-Encoding, normalised (None: the body is sent as it is)."""
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    return None if encoding in ("", "identity") else encoding
+    encoding = protocol.content_encoding(request.headers)
+    return None if encoding == "identity" else encoding
 
 
 def body_encoding(request: Request, offered: tuple[str, ...]) -> str | None:

@@ -99,6 +99,11 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     return memoryview(raw.numpy())
 
 
+def content_encoding(headers: Mapping[str, str]) -> str:
+    """A body's Content-Encoding (request or answer), normalised: "identity" when there is none."""
+    return (headers.get("content-encoding") or "identity").strip().lower() or "identity"
+
+
 def expected_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     count = 1
     for dim in shape:

@@ -223,7 +223,7 @@ def _declared_length(head: Reply, compressed: bool) -> int:
     """The raw body length to check the headers with: Content-Length for an identity-encoded raw answer
     (checked at once, as for a whole body), else what `shape` x `dtype` declare (checked at the end)."""
     length = head.headers.get("content-length", "").strip()
-    encoding = (head.headers.get("content-encoding") or "identity").strip().lower()
+    encoding = protocol.content_encoding(head.headers)
     if not compressed and encoding == "identity" and length.isascii() and length.isdigit():
         return int(length)
     try:

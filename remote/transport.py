@@ -290,7 +290,7 @@ class _Exchange:
         status = response.status_code
         ok = 200 <= status < 300
         expected = _content_length(response.headers)
-        encoding = (response.headers.get("content-encoding") or "identity").strip().lower()
+        encoding = protocol.content_encoding(response.headers)
         known = encoding == "identity" or encoding in ACCEPTED_ENCODINGS
         if ok and not known:
             accepted = ", ".join(ACCEPTED_ENCODINGS)

@@ -718,3 +718,11 @@ def test_body_length_checks_name_both_sizes():
         ProtocolError, match=r"body has 9 bytes but shape \[1, 4, 8, 8\] with dtype float16 needs 512 bytes"
     ):
         protocol.check_body_length(9, [1, 4, 8, 8], torch.float16)
+
+
+@pytest.mark.parametrize(
+    ("headers", "encoding"),
+    [({}, "identity"), ({"content-encoding": ""}, "identity"), ({"content-encoding": " GZip "}, "gzip")],
+)
+def test_content_encoding_is_read_one_way(headers, encoding):
+    assert protocol.content_encoding(headers) == encoding
